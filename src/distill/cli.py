@@ -1,0 +1,129 @@
+"""`distill run|train|distill|eval|methods`. Mistakes end as one line on stderr and exit status 2."""
+
+import argparse
+import json
+import sys
+
+from distill.errors import UserError
+
+USAGE_EXAMPLES = """examples:
+  distill run                                   # the default recipe (sklearn digits), a few minutes on CPU
+  distill run recipes/mnist-hinton.yaml seed=1 distill.temperature=8
+  distill train recipes/mnist-hinton.yaml       # the teacher only
+  distill distill recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors
+  distill eval runs/digits/student.safetensors
+  distill methods
+"""
+
+
+def _split(items: list[str]) -> tuple[str | None, list[str]]:
+    """First item is the recipe unless it is a key=value override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _recipe(args):
+    from distill.recipe import load_recipe
+
+    path, overrides = _split(args.items)
+    if args.data_dir:
+        overrides = [*overrides, f"data.data_dir={args.data_dir}"]
+    return load_recipe(path, overrides)
+
+
+def cmd_run(args, stages=("teacher", "scratch", "student"), teacher=None):
+    from distill.runner import run_recipe, summary
+
+    results, out = run_recipe(_recipe(args), stages=stages, teacher_checkpoint=teacher, resume=args.resume, progress=not args.quiet)
+    print(summary(results, out))
+
+
+def cmd_train(args):
+    cmd_run(args, stages=("teacher",))
+
+
+def cmd_distill(args):
+    stages = ("student",) if args.no_scratch else ("scratch", "student")
+    cmd_run(args, stages=stages, teacher=args.teacher)
+
+
+def cmd_eval(args):
+    from distill.checkpoint import load_model_file, load_weights
+    from distill.recipe import DataConfig, apply_overrides, validate_recipe
+    from distill.report import format_table, model_card
+    from distill.runner import build_from_record, load_data
+    from distill.tasks.classification import evaluate
+
+    state, record = load_model_file(args.checkpoint)
+    model = build_from_record(record, args.checkpoint)
+    load_weights(model, state, source=args.checkpoint)
+    data_raw = apply_overrides({"data": dict(record.get("data") or DataConfig().model_dump(mode="json"))}, args.overrides)
+    if args.data_dir:
+        data_raw["data"]["data_dir"] = args.data_dir
+    recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=args.checkpoint)
+    data = load_data(recipe)
+    scores = evaluate(model.eval(), data.test)
+    card = model_card(model, data.test.x[0])
+    results = {"recipe": args.checkpoint, "task": "classification", "dataset": data.name,
+               "models": {"model": {"metric": "accuracy", "score": scores["accuracy"], **scores, **card}}}
+    print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))
+
+
+def cmd_methods(args):
+    from distill.methods import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        print(f"{name:12s} {cls.summary}")
+        for field, info in cls.Config.model_fields.items():
+            if field == "method":
+                continue
+            doc = f"  {info.description}" if info.description else ""
+            print(f"{'':12s}   {field} = {info.default!r}{doc}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: a small fast student from a large teacher.",
+                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name, func, help_text):
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (default: the built-in digits recipe) and overrides")
+        s.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+        s.add_argument("--resume", action="store_true", help="continue a killed run from runs/<name>.partial")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(func=func)
+        return s
+
+    recipe_command("run", cmd_run, "train the teacher, a scratch student and a distilled student; evaluate and report")
+    recipe_command("train", cmd_train, "train the teacher only")
+    d = recipe_command("distill", cmd_distill, "distil a student from an existing teacher checkpoint")
+    d.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
+    d.add_argument("--no-scratch", action="store_true", help="skip the no-teacher baseline")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split of its data set")
+    e.add_argument("checkpoint")
+    e.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.data_dir=/data")
+    e.add_argument("--data-dir")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=cmd_eval)
+    m = sub.add_parser("methods", help="list distillation methods and their parameters")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The recipe: one YAML file describes a whole experiment. Pydantic checks it; errors come out as one line.
+
+Only data is read from YAML (yaml.safe_load): nothing in a recipe is imported or executed.
+"""
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.data import DATASETS
+from distill.errors import UserError
+from distill.methods import MethodConfigUnion
+from distill.methods.kd import KDConfig
+from distill.students import ModelConfig
+from distill.students.mlp import MLPConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    path: str | None = Field(None, description="file (table) or folder (image-folder, or where MNIST files are)")
+    data_dir: str | None = Field(None, description="folder of downloaded data sets (default: $DISTILL_DATA_DIR)")
+    label_column: str = "label"
+    feature_columns: list[str] | None = None
+    image_size: tuple[int, int] = (28, 28)
+    grayscale: bool = True
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out test share for sets without a test split")
+    unlabelled_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hide labels of this share of train rows")
+    download: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
+    grad_clip: float | None = Field(None, gt=0)
+    jitter: int = Field(0, ge=0, description="random translation of images by up to this many pixels")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation score")
+
+
+class ModelRole(_Strict):
+    model: ModelConfig = Field(default_factory=MLPConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TeacherRole(ModelRole):
+    checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
+
+
+class ReportConfig(_Strict):
+    latency_batch: int = Field(1, ge=1)
+    throughput_batch: int = Field(256, ge=1)
+    repeats: int = Field(30, ge=1)
+
+
+class Recipe(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output_dir: str = "runs"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherRole = Field(default_factory=TeacherRole)
+    student: ModelRole = Field(default_factory=ModelRole)
+    distill: MethodConfigUnion = Field(default_factory=KDConfig)  # type: ignore[valid-type]
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data: Any):
+        # `distill: {temperature: 20}` without a `method:` tag means plain KD.
+        if isinstance(data, dict) and isinstance(data.get("distill"), dict) and "method" not in data["distill"]:
+            data = {**data, "distill": {"method": "kd", **data["distill"]}}
+        return data
+
+
+DEFAULT_RECIPE = "digits"
+
+
+def builtin_recipe_path(name: str = DEFAULT_RECIPE) -> Path:
+    return Path(str(resources.files("distill") / "recipes" / f"{name}.yaml"))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars/lists (e.g. `hidden=[64,64]`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value: write e.g. distill.temperature=8")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. `path=None` loads the built-in default."""
+    path = Path(path) if path is not None else builtin_recipe_path()
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found: give the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (name, data, teacher, student, distill)")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source}: {describe_error(e.errors()[0], raw)}") from None
+
+
+def describe_error(err: dict, raw: dict) -> str:
+    """One line for pydantic's first error: the dotted field, what is wrong, and a fix or suggestion."""
+    loc = [str(p) for p in err["loc"]]
+    loc = [p for i, p in enumerate(loc) if not _is_union_tag(loc, i, raw)]
+    field = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        known = _known_fields(loc[:-1], raw)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"valid keys here: {', '.join(sorted(known))}"
+        return f"unknown key {field!r}: {hint}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{field}: {err['msg']}{shown}"
+
+
+def _is_union_tag(loc: list[str], i: int, raw: dict) -> bool:
+    # pydantic puts the chosen union member (e.g. 'kd' or 'mlp') into the error location; drop it.
+    node: Any = raw
+    for part in loc[:i]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return isinstance(node, dict) and loc[i] not in node and loc[i] in (node.get("method"), node.get("kind"), "kd", "mlp")
+
+
+def _known_fields(loc: list[str], raw: dict) -> list[str]:
+    model: Any = Recipe
+    node: Any = raw
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _pick_member(field.annotation, node)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _pick_member(annotation: Any, node: Any) -> Any:
+    """The pydantic model a field holds; for a tagged union, the member named by the tag in `node`."""
+    candidates = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    for cls in candidates:
+        for tag in ("method", "kind"):
+            default = cls.model_fields.get(tag)
+            if default is not None and isinstance(node, dict) and node.get(tag, default.default) == default.default:
+                return cls
+    return candidates[0] if candidates else None
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    args = get_args(annotation)
+    return [x for a in args for x in _flatten(a)] if args else [annotation]
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,203 @@
+"""One experiment from one recipe: teacher, scratch student, distilled student, evaluated and reported.
+
+Everything a user can get wrong is checked before anything is written. The run is built in
+`<output_dir>/<name>.partial/` and renamed to `<output_dir>/<name>/` only when complete, so a run folder
+is never half-written; `resume=True` continues a killed run from its `.partial` folder.
+"""
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.data import DataSplits, load_dataset
+from distill.errors import UserError
+from distill.methods import build_method
+from distill.methods.supervised import Supervised, SupervisedConfig
+from distill.recipe import Recipe, recipe_to_yaml
+from distill.report import format_table, model_card, write_report, write_results
+from distill.signals import LiveTeacher
+from distill.students import build_model, model_config_adapter
+from distill.tasks.classification import evaluate
+from distill.train import fit, make_accelerator
+
+log = logging.getLogger("distill")
+ROLES = ("teacher", "scratch", "student")
+
+
+def load_data(recipe: Recipe) -> DataSplits:
+    d = recipe.data
+    return load_dataset(
+        d.dataset, path=d.path, data_dir=d.data_dir, label_column=d.label_column, feature_columns=d.feature_columns,
+        image_size=tuple(d.image_size), grayscale=d.grayscale, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, unlabelled_fraction=d.unlabelled_fraction, seed=recipe.seed, download=d.download,
+    )
+
+
+def model_record(model_cfg, data: DataSplits, recipe: Recipe) -> dict:
+    """What is stored with the weights so `distill eval` can rebuild the model and its data alone."""
+    return {
+        "model": model_cfg.model_dump(mode="json"),
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "data": recipe.data.model_dump(mode="json"),
+        "seed": recipe.seed,
+    }
+
+
+def build_from_record(record: dict, source: str) -> torch.nn.Module:
+    if "model" not in record:
+        raise UserError(f"{source} has no distill model description in its metadata; it was not written by distill")
+    return build_model(model_config_adapter.validate_python(record["model"]), tuple(record["input_shape"]), record["num_classes"])
+
+
+def load_teacher_checkpoint(path: str, model: torch.nn.Module) -> None:
+    state, _ = load_model_file(path)
+    load_weights(model, state, source=path)
+
+
+def check_compatible(teacher, student, data: DataSplits) -> None:
+    """Teacher and student must map the same inputs to the same label space, and labels must fit it."""
+    x = data.train.x[:2]
+    with torch.inference_mode():
+        t_shape, s_shape = tuple(teacher.eval()(x).shape), tuple(student.eval()(x).shape)
+    teacher.train(), student.train()
+    if t_shape != s_shape:
+        raise UserError(f"teacher outputs shape {t_shape} but student outputs {s_shape}: both must predict the same {data.num_classes} classes")
+    for split in ("train", "val", "test"):
+        y = getattr(data, split).y
+        if len(y) and (int(y.max()) >= s_shape[-1] or int(y.min()) < -1):
+            bad = int(y.max()) if int(y.max()) >= s_shape[-1] else int(y.min())
+            raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
+
+
+class Experiment:
+    """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
+
+    def __init__(self, recipe: Recipe, *, stages=ROLES, teacher_checkpoint: str | None = None, progress: bool = True):
+        self.recipe = recipe
+        self.stages = tuple(stages)
+        self.progress = progress
+        self.teacher_checkpoint = teacher_checkpoint or recipe.teacher.checkpoint
+        if "teacher" not in self.stages and self.teacher_checkpoint is None and {"student"} & set(self.stages):
+            raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
+        # --- everything a user can get wrong, before anything is written ---
+        self.data = load_data(recipe)
+        set_seed(recipe.seed)
+        self.teacher = build_model(recipe.teacher.model, self.data.input_shape, self.data.num_classes)
+        if self.teacher_checkpoint:
+            load_teacher_checkpoint(self.teacher_checkpoint, self.teacher)
+        self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
+        check_compatible(self.teacher, self.student_init, self.data)
+        self.out = Path(recipe.output_dir) / recipe.name
+        self.partial = self.out.with_name(self.out.name + ".partial")
+
+    def run(self, resume: bool = False) -> dict:
+        if self.partial.exists() and not resume:
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.partial / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            results = self._run(resume)
+        except UserError:
+            log.removeHandler(handler)
+            handler.close()
+            if not resume:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+        log.removeHandler(handler)
+        handler.close()
+        self._publish()
+        return results
+
+    def _run(self, resume: bool) -> dict:
+        r = self.recipe
+        atomic_write_text(self.partial / "recipe.yaml", recipe_to_yaml(r))
+        log.info("recipe %s on %s: %d train / %d val / %d test rows", r.name, self.data.name, len(self.data.train), len(self.data.val), len(self.data.test))
+        accelerator = make_accelerator(r.mixed_precision)
+        models, histories, seconds, epochs = {}, {}, {}, {}
+
+        if self.teacher_checkpoint or "teacher" not in self.stages:
+            models["teacher"] = self.teacher
+        else:
+            models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
+                "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume)
+        teacher = models["teacher"].to(accelerator.device)
+        for role in ("scratch", "student"):
+            if role not in self.stages:
+                continue
+            model = self._fresh_student()  # both start from the same initial weights: only the teacher differs
+            method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher))
+            models[role], histories[role], seconds[role], epochs[role] = self._train_role(role, model, r.student, method, accelerator, resume)
+
+        results = {"recipe": r.name, "task": "classification", "dataset": self.data.name, "models": {}}
+        example = self.data.test.x[0]
+        for role, model in models.items():
+            model = model.cpu().eval()
+            scores = evaluate(model, self.data.test)
+            card = model_card(model, example, latency_batch=r.report.latency_batch, throughput_batch=r.report.throughput_batch, repeats=r.report.repeats)
+            results["models"][role] = {
+                "metric": "accuracy", "score": scores["accuracy"], "accuracy": scores["accuracy"],
+                "errors": scores["errors"], "test_size": scores["n"], **card,
+                "train_seconds": seconds.get(role), "epochs": epochs.get(role),
+            }
+        results["config"] = r.model_dump(mode="json")
+        write_results(self.partial, results)
+        atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
+        write_report(self.partial, results, histories)
+        return results
+
+    def _fresh_student(self) -> torch.nn.Module:
+        model = build_model(self.recipe.student.model, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(self.student_init.state_dict())
+        return model
+
+    def _train_role(self, role, model, role_cfg, method, accelerator, resume):
+        weights = self.partial / f"{role}.safetensors"
+        record = model_record(role_cfg.model, self.data, self.recipe)
+        history_file = self.partial / f"{role}.history.json"
+        if resume and weights.exists() and history_file.exists():
+            log.info("%s: already trained, loading %s", role, weights)
+            load_weights(model, load_model_file(weights)[0], source=str(weights))
+            saved = json.loads(history_file.read_text())
+            return model, saved["history"], saved["train_seconds"], len(saved["history"])
+        set_seed(self.recipe.seed)
+        t0 = time.perf_counter()
+        result = fit(model, method, self.data.train, self.data.val, role_cfg.train, seed=self.recipe.seed,
+                     accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
+                     desc=role, progress=self.progress)
+        log.info("%s: best epoch %d (val accuracy %.4f), %.1f s", role, result.best_epoch, result.best_val_accuracy, time.perf_counter() - t0)
+        model = accelerator.unwrap_model(model)
+        save_model(weights, model, record)
+        atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
+        return model, result.history, result.train_seconds, len(result.history)
+
+    def _publish(self) -> None:
+        """Swap the finished run into place; the resumable training state is no longer needed."""
+        shutil.rmtree(self.partial / "state", ignore_errors=True)
+        for f in self.partial.glob("*.history.json"):
+            f.unlink()
+        old = self.out.with_name(self.out.name + ".old")
+        if self.out.exists():
+            self.out.rename(old)
+        self.partial.rename(self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_recipe(recipe: Recipe, *, stages=ROLES, teacher_checkpoint=None, resume=False, progress=True) -> tuple[dict, Path]:
+    exp = Experiment(recipe, stages=stages, teacher_checkpoint=teacher_checkpoint, progress=progress)
+    results = exp.run(resume=resume)
+    return results, exp.out
+
+
+def summary(results: dict, out: Path) -> str:
+    return f"{format_table(results)}\n\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}"

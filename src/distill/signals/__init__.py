@@ -1,0 +1,5 @@
+"""Where the teacher's output comes from (live forward pass now; caches, ensembles and noise plug in here)."""
+
+from distill.signals.live import LiveTeacher
+
+__all__ = ["LiveTeacher"]

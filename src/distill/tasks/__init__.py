@@ -1,0 +1,1 @@
+"""Task-specific pieces: batches, metrics, augmentation."""

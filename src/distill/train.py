@@ -1,0 +1,216 @@
+"""The training loop, on Hugging Face Accelerate: one loop for teachers, scratch students and distilled students.
+
+What differs between them is the `method` (a loss for a batch); the loop only steps, validates, keeps
+the best weights on validation, stops early, and writes a resumable checkpoint after every epoch.
+"""
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+
+from distill.checkpoint import (
+    atomic_write_bytes,
+    has_training_state,
+    load_model_file,
+    load_training_state,
+    save_training_state,
+)
+from distill.errors import UserError
+from distill.methods.base import Method
+from distill.tasks.classification import evaluate, random_shift
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+    best_epoch: int = 0
+    best_val_accuracy: float = float("nan")
+    train_seconds: float = 0.0  # time in training steps, summed over epochs (validation excluded)
+
+
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
+    """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True."""
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def _pass_through(batch):
+    return batch  # ArrayDataset.__getitems__ already returns a stacked (x, y) batch
+
+
+def make_loader(data: Dataset | DataLoader, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches. In-memory datasets with __getitems__ are gathered one batch at a time (one index op
+    per batch instead of one per sample, which matters for small models)."""
+    if isinstance(data, DataLoader):
+        return data
+    sampler = BatchSampler(RandomSampler(data, generator=generator), batch_size, drop_last=False)
+    collate = _pass_through if hasattr(data, "__getitems__") else None
+    return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant / cosine / linear decay to zero, stepped once per batch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    schedule = cfg.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    model: nn.Module,
+    method: Method,
+    train_data: Dataset | DataLoader,
+    val_data,
+    cfg,
+    *,
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+    progress: bool = True,
+) -> FitResult:
+    """Train `model` with `method`'s loss under the TrainConfig `cfg`; return with the best-on-validation weights.
+
+    state_dir: where a resumable checkpoint is written after every epoch (model, optimizer, scheduler, RNG,
+    epoch, history); with resume=True an existing one there is continued. val_data=None trains for all epochs
+    and keeps the last weights.
+    """
+    accelerator = accelerator or make_accelerator()
+    generator = torch.Generator()
+    loader = make_loader(train_data, cfg.batch_size, generator)
+    params = list(model.parameters()) + list(method.parameters())
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
+    raw_model = accelerator.unwrap_model(prepared_model)
+
+    result = FitResult()
+    best_state = None
+    start_epoch, step, bad_epochs = 1, 0, 0
+    if resume and state_dir is not None and has_training_state(state_dir):
+        saved = load_training_state(state_dir, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+        extra = saved["extra"]
+        result.history = extra["history"]
+        result.best_epoch, result.best_val_accuracy = extra["best_epoch"], extra["best_val_accuracy"]
+        result.train_seconds, bad_epochs = extra["train_seconds"], extra["bad_epochs"]
+        start_epoch, step = saved["epoch"] + 1, saved["step"]
+        if _best_path(state_dir).exists():
+            best_state = load_model_file(_best_path(state_dir))[0]
+        log.info("%s: resumed after epoch %d", desc, saved["epoch"])
+
+    constrain = getattr(raw_model, "apply_constraints", None)
+    total_steps = cfg.epochs * len(loader)
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
+        prepared_model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        n_batches = 0
+        t0 = time.perf_counter()
+        for x, y in prepared_loader:
+            if cfg.jitter:
+                x = random_shift(x, cfg.jitter)
+            with accelerator.autocast():
+                loss, parts = method(prepared_model, x, y)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            prepared_opt.step()
+            scheduler.step()
+            prepared_opt.zero_grad(set_to_none=True)
+            if constrain is not None:
+                constrain()
+            loss_sum += loss.detach()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+            n_batches += 1
+            step += 1
+            bar.update(1)
+        seconds = time.perf_counter() - t0
+        result.train_seconds += seconds
+        train_loss = loss_sum.item() / max(1, n_batches)
+        if not math.isfinite(train_loss):
+            raise UserError(
+                f"{desc}: the training loss became {train_loss} in epoch {epoch}; lower train.lr (now {cfg.lr}) "
+                "or set train.grad_clip"
+            )
+        row = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
+        row.update({f"train_{k}": float(v) / max(1, n_batches) for k, v in parts_sum.items()})
+        improved = True
+        if val_data is not None:
+            val = evaluate(prepared_model, val_data, device=accelerator.device)
+            row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+            improved = not result.history or val["accuracy"] > result.best_val_accuracy
+        if improved:
+            result.best_epoch, result.best_val_accuracy = epoch, row.get("val_accuracy", float("nan"))
+            best_state = copy.deepcopy(raw_model.state_dict())
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        result.history.append(row)
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{row.get('val_accuracy', float('nan')):.4f}")
+        log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+        stop = cfg.patience is not None and bad_epochs >= cfg.patience
+        if state_dir is not None and accelerator.is_main_process:
+            _save_state(state_dir, raw_model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved)
+        if stop:
+            log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
+            break
+    bar.close()
+    if best_state is not None:
+        raw_model.load_state_dict(best_state)
+    return result
+
+
+def _best_path(state_dir) -> Path:
+    # beside the state folder, not inside it: save_training_state replaces that folder whole
+    return Path(state_dir).parent / f"{Path(state_dir).name}.best.safetensors"
+
+
+def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved):
+    if improved and best_state is not None:
+        # best weights first: a kill between the two writes leaves the older state, and replaying that
+        # epoch (deterministic) writes the same best weights again
+        Path(state_dir).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(_best_path(state_dir), safetensors.torch.save({k: v.contiguous() for k, v in best_state.items()}))
+    extra = {
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_val_accuracy,
+        "train_seconds": result.train_seconds,
+        "bad_epochs": bad_epochs,
+    }
+    save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch, extra=extra)
