@@ -144,6 +144,11 @@ def test_student_worse_is_worded_honestly(tmp_path):
     text = write_report(tmp_path, res, {}).read_text()
     assert "7 more test errors" in text and "(25 vs 18)" in text and "fewer" not in text
     assert "did not reduce" in text and "2.0× slower" in text
+    res["models"]["student"]["errors"] = 18
+    res["config"]["report"] = {"latency_batch": 4, "throughput_batch": 64, "repeats": 9}
+    text = write_report(tmp_path, res, {}).read_text()
+    assert "as many test errors as the same network trained alone (18 vs 18)" in text
+    assert "latency ms/sample (batch 4)" in text and "samples/s (batch 64)" in text and "over 9 repeats" in text
 
 
 def test_missing_fields_render_dash_and_no_histories(tmp_path):

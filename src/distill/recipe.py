@@ -55,6 +55,14 @@ class ModelRole(_Strict):
     model: ModelConfig = Field(default_factory=MLPConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, data: Any):
+        # `model: {hidden: [64]}` without a `kind:` tag means an MLP.
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "kind" not in data["model"]:
+            data = {**data, "model": {"kind": "mlp", **data["model"]}}
+        return data
+
 
 class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")

@@ -190,15 +190,11 @@ def distillation_summary(results: dict) -> str | None:
     sq, bq = quality_of(s, kind), quality_of(b, kind)
     verdict = ""
     if se is not None and be is not None:
-        se, be, d = int(se), int(be), int(be) - int(se)
-        if d > 0:
-            head = f"The distilled student makes {d} fewer test errors than the same network trained alone ({se} vs {be})"
-        elif d < 0:
-            head = f"The distilled student makes {-d} more test errors than the same network trained alone ({se} vs {be})"
-            verdict = " Distillation did not reduce test errors on this run."
-        else:
-            head = f"The distilled student makes as many test errors as the same network trained alone ({se} each)"
-            verdict = " Distillation did not change the number of test errors on this run."
+        se, be = int(se), int(be)
+        how = f"{be - se} fewer" if se < be else f"{se - be} more" if se > be else "as many"
+        head = (f"The distilled student makes {how} test errors {'as' if se == be else 'than'} the same network "
+                f"trained alone ({se} vs {be})")
+        verdict = "" if se < be else " Distillation did not reduce test errors on this run."
     elif sq is not None and bq is not None:
         f = (lambda v: f"{v * 100:.2f}%") if kind == "accuracy" else (lambda v: f"{v:.4g}")
         head = f"The distilled student scores {f(sq)} {kind} against {f(bq)} for the same network trained alone"

@@ -132,7 +132,7 @@ def fit(
 
     constrain = getattr(raw_model, "apply_constraints", None)
     total_steps = cfg.epochs * len(loader)
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=not progress or not accelerator.is_local_main_process, leave=False)
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
         generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
         prepared_model.train()

@@ -172,7 +172,7 @@ def load_idx_dataset(name: str, *, base: Path, explicit_path: bool, val_fraction
     missing = [f for f, p in paths.items() if p is None]
     if missing:
         if not download:
-            detail = f" (missing {', '.join(m + '.gz' for m in missing)})" if partial else ""
+            detail = f" ({folder} lacks {', '.join(m + '.gz' for m in missing)})" if partial else ""
             raise UserError(_not_found_message(name, base, explicit_path, detail))
         for f in missing:
             paths[f] = _download(name, f, folder, base, explicit_path)

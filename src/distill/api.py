@@ -1,0 +1,52 @@
+"""The Python API: distil any teacher nn.Module into any student nn.Module, in our loop or in yours.
+
+    from distill import Distiller
+    d = Distiller(teacher, student, method="kd", temperature=4.0, hard_weight=0.1, soft_weight=0.9)
+    # your loop:
+    loss, parts = d.loss(x, y)          # teacher forward (no grad) + student forward + method loss
+    loss.backward(); optimizer.step()   # optimise d.parameters() (the student's, plus any the method adds)
+    # or ours (Accelerate, best-on-validation, early stopping, resumable checkpoints):
+    result = d.fit(train_dataset, val_dataset, epochs=20, lr=1e-3)
+"""
+
+from pydantic import ValidationError
+from torch import nn
+
+from distill.errors import UserError
+from distill.methods import DISTILL_METHODS, build_method
+from distill.signals import LiveTeacher
+from distill.train import FitResult, fit
+
+
+class Distiller:
+    def __init__(self, teacher: nn.Module, student: nn.Module, method: str = "kd", **params):
+        if method not in DISTILL_METHODS:
+            raise UserError(f"unknown method {method!r}: choose one of {', '.join(DISTILL_METHODS)}")
+        try:
+            config = DISTILL_METHODS[method].Config(method=method, **params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise UserError(f"{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self.teacher = teacher
+        self.student = student
+        self.method = build_method(config, LiveTeacher(teacher))
+
+    def loss(self, x, y=None):
+        """(loss, parts) for one batch; parts are detached tensors for logging."""
+        return self.method(self.student, x, y)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.method.parameters())
+
+    def fit(self, train_data, val_data=None, *, seed: int = 0, state_dir=None, resume: bool = False,
+            progress: bool = True, **train_params) -> FitResult:
+        """Train the student with our loop. train_params are TrainConfig fields (epochs, lr, batch_size, ...)."""
+        from distill.recipe import TrainConfig
+
+        try:
+            cfg = TrainConfig(**train_params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise UserError(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
+                   resume=resume, desc="distill", progress=progress)
