@@ -412,3 +412,13 @@ def test_leftover_temp_folder_is_ignored(tmp_path):
     _save(d, 2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert _load_step(d)[0] == 2
+
+
+def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
+    """Regression: a header of 128 bytes has 0x80 as its first length byte, like a pickle's protocol marker."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (128 - len(header))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 128) + header + struct.pack("<2f", 1.0, 2.0))
+    state, config = ck.load_model_file(path)
+    assert state["w"].tolist() == [1.0, 2.0] and config == {}

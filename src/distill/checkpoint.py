@@ -172,13 +172,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-            raise UserError(f"{path} is not a safetensors file (it looks like a torch.save/pickle file); {_NOT_SAFETENSORS}")
         if len(head) < 9:
             raise UserError(f"{path} is not a safetensors file (it is only {size} bytes long); {_NOT_SAFETENSORS}")
         (n,) = struct.unpack("<Q", head[:8])
-        looks_like = head[8:9] == b"{" and n <= _MAX_HEADER
-        if not looks_like:
+        if not (head[8:9] == b"{" and n <= _MAX_HEADER):
+            # only now guess what it is: a valid header length may well start with byte 0x80
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+                raise UserError(f"{path} is not a safetensors file (it looks like a torch.save/pickle file); {_NOT_SAFETENSORS}")
             raise UserError(f"{path} is not a safetensors file; {_NOT_SAFETENSORS}")
         if 8 + n > size:
             raise _corrupt(path, f"its header claims {n} bytes but the file has only {size - 8} after the length field")

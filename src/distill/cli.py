@@ -113,7 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`distill run r.yaml --quiet seed=1`): collect stray key=value items too
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "items") and not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        target = "items" if hasattr(args, "items") else "overrides"
+        setattr(args, target, [*getattr(args, target), *extra])
     try:
         args.func(args)
     except UserError as e:

@@ -34,6 +34,8 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out test share for sets without a test split")
     unlabelled_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hide labels of this share of train rows")
+    split_seed: int = Field(0, description="seed of the train/val/test split; kept apart from the training seed so "
+                                           "runs with different seeds share one test set")
     download: bool = True
 
 

@@ -35,7 +35,7 @@ def load_data(recipe: Recipe) -> DataSplits:
     return load_dataset(
         d.dataset, path=d.path, data_dir=d.data_dir, label_column=d.label_column, feature_columns=d.feature_columns,
         image_size=tuple(d.image_size), grayscale=d.grayscale, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, unlabelled_fraction=d.unlabelled_fraction, seed=recipe.seed, download=d.download,
+        test_fraction=d.test_fraction, unlabelled_fraction=d.unlabelled_fraction, seed=d.split_seed, download=d.download,
     )
 
 
@@ -57,11 +57,6 @@ def build_from_record(record: dict, source: str) -> torch.nn.Module:
     return build_model(model_config_adapter.validate_python(record["model"]), tuple(record["input_shape"]), record["num_classes"])
 
 
-def load_teacher_checkpoint(path: str, model: torch.nn.Module) -> None:
-    state, _ = load_model_file(path)
-    load_weights(model, state, source=path)
-
-
 def check_compatible(teacher, student, data: DataSplits) -> None:
     """Teacher and student must map the same inputs to the same label space, and labels must fit it."""
     x = data.train.x[:2]
@@ -77,6 +72,19 @@ def check_compatible(teacher, student, data: DataSplits) -> None:
             raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
 
 
+SPLIT_FIELDS = ("dataset", "path", "val_fraction", "test_fraction", "split_seed")
+
+
+def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
+    """A teacher trained on another split may have seen our validation or test rows: refuse it."""
+    for key in SPLIT_FIELDS:
+        if key in teacher_data and teacher_data[key] != data.get(key):
+            raise UserError(
+                f"teacher {path} was trained with data.{key}={teacher_data[key]!r} but the recipe has {data.get(key)!r}: "
+                f"set data.{key}={teacher_data[key]!r} so the teacher never saw the validation or test rows"
+            )
+
+
 class Experiment:
     """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
 
@@ -90,13 +98,28 @@ class Experiment:
         # --- everything a user can get wrong, before anything is written ---
         self.data = load_data(recipe)
         set_seed(recipe.seed)
-        self.teacher = build_model(recipe.teacher.model, self.data.input_shape, self.data.num_classes)
-        if self.teacher_checkpoint:
-            load_teacher_checkpoint(self.teacher_checkpoint, self.teacher)
+        self.teacher = self._build_teacher()
         self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
         check_compatible(self.teacher, self.student_init, self.data)
         self.out = Path(recipe.output_dir) / recipe.name
         self.partial = self.out.with_name(self.out.name + ".partial")
+
+    def _build_teacher(self) -> torch.nn.Module:
+        """The recipe's teacher; from a checkpoint, the architecture stored in it (else the recipe's)."""
+        recipe, data = self.recipe, self.data
+        if not self.teacher_checkpoint:
+            return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+        path = self.teacher_checkpoint
+        state, record = load_model_file(path)
+        if "model" in record:
+            check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
+            if tuple(record["input_shape"]) != tuple(data.input_shape):
+                raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
+            model = build_from_record(record, path)
+        else:
+            model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+        load_weights(model, state, source=path)
+        return model
 
     def run(self, resume: bool = False) -> dict:
         if self.partial.exists() and not resume:
@@ -170,7 +193,6 @@ class Experiment:
             load_weights(model, load_model_file(weights)[0], source=str(weights))
             saved = json.loads(history_file.read_text())
             return model, saved["history"], saved["train_seconds"], len(saved["history"])
-        set_seed(self.recipe.seed)
         t0 = time.perf_counter()
         result = fit(model, method, self.data.train, self.data.val, role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,

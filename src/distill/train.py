@@ -14,6 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
@@ -108,6 +109,7 @@ def fit(
     and keeps the last weights.
     """
     accelerator = accelerator or make_accelerator()
+    set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
     params = list(model.parameters()) + list(method.parameters())

@@ -1,0 +1,107 @@
+"""The loop: repeatable, resumable to the bit, best-on-validation, early stopping, clear failure on divergence."""
+
+import pytest
+import torch
+
+from distill.data import load_dataset
+from distill.errors import UserError
+from distill.methods.supervised import Supervised, SupervisedConfig
+from distill.recipe import TrainConfig
+from distill.students import MLPConfig, build_model
+from distill.tasks.classification import evaluate, random_shift
+from distill.train import fit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(MLPConfig(hidden=[32], dropout=0.1), (1, 8, 8), 10)
+
+
+
+def test_training_learns_and_is_repeatable(digits):
+    a, b = _model(), _model()
+    ra = fit(a, Supervised(SupervisedConfig()), digits.train, digits.val, TrainConfig(epochs=8, batch_size=64, lr=0.01), progress=False)
+    rb = fit(b, Supervised(SupervisedConfig()), digits.train, digits.val, TrainConfig(epochs=8, batch_size=64, lr=0.01), progress=False)
+    assert evaluate(a, digits.test)["accuracy"] > 0.85
+    assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+class _Interrupt(Supervised):
+    """Raises KeyboardInterrupt (a kill) at a given step."""
+
+    def __init__(self, at_step):
+        super().__init__(SupervisedConfig())
+        self.at_step, self.calls = at_step, 0
+
+    def __call__(self, student, x, y):
+        self.calls += 1
+        if self.calls == self.at_step:
+            raise KeyboardInterrupt
+        return super().__call__(student, x, y)
+
+
+def test_killed_run_resumes_bit_identically(digits, tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.003, jitter=1)  # jitter + dropout: RNG state matters
+    straight = _model()
+    fit(straight, Supervised(SupervisedConfig()), digits.train, digits.val, cfg, seed=3, progress=False)
+
+    killed = _model()
+    steps_per_epoch = -(-len(digits.train) // 64)
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, _Interrupt(at_step=2 * steps_per_epoch + 5), digits.train, digits.val, cfg, seed=3,
+            state_dir=tmp_path / "state", progress=False)
+    resumed = _model(seed=99)  # different init: everything must come from the checkpoint
+    torch.manual_seed(12345)  # and a disturbed global RNG
+    result = fit(resumed, Supervised(SupervisedConfig()), digits.train, digits.val, cfg, seed=3,
+                 state_dir=tmp_path / "state", resume=True, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    for p_straight, p_resumed in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p_straight, p_resumed)
+
+
+def test_best_epoch_weights_are_returned_and_patience_stops(digits):
+    model = _model()
+    cfg = TrainConfig(epochs=30, batch_size=64, lr=0.003, patience=2)
+    result = fit(model, Supervised(SupervisedConfig()), digits.train, digits.val, cfg, progress=False)
+    assert len(result.history) < 30  # stopped early
+    best = max(h["val_accuracy"] for h in result.history)
+    assert result.best_val_accuracy == best
+    assert evaluate(model, digits.val)["accuracy"] == pytest.approx(best)  # the best weights, not the last
+
+
+class _NaN(Supervised):
+    def __call__(self, student, x, y):
+        return student(x).sum() * float("nan"), {}
+
+
+def test_divergence_is_one_clear_error(digits):
+    with pytest.raises(UserError, match="train.lr"):
+        fit(_model(), _NaN(SupervisedConfig()), digits.train, digits.val, TrainConfig(epochs=1), progress=False)
+
+
+def test_max_norm_constraint_holds_after_training(digits):
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(hidden=[64], max_norm=0.5), (1, 8, 8), 10)
+    fit(model, Supervised(SupervisedConfig()), digits.train, None, TrainConfig(epochs=1, lr=0.05), progress=False)
+    for layer in model.net:
+        if isinstance(layer, torch.nn.Linear):
+            assert layer.weight.norm(dim=1).max() <= 0.5 + 1e-5
+
+
+def test_random_shift_moves_images_within_bounds():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3, 4] = 1.0  # one lit pixel
+    shifted = random_shift(x, 2)
+    assert shifted.shape == x.shape and torch.equal(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    rows, cols = shifted[:, 0].nonzero()[:, 1], shifted[:, 0].nonzero()[:, 2]
+    assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 2 and cols.max() <= 6
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # really random per image
+    assert torch.equal(random_shift(x, 0), x)
