@@ -129,8 +129,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. `path=None` loads the built-in default."""
     path = Path(path) if path is not None else builtin_recipe_path()
+    if not path.is_file() and builtin_recipe_path(str(path)).is_file():
+        path = builtin_recipe_path(str(path))  # a built-in recipe by name, e.g. `distill run mnist-hinton`
     if not path.is_file():
-        raise UserError(f"recipe {path} not found: give the path of a YAML recipe (see recipes/)")
+        known = sorted(p.stem for p in builtin_recipe_path().parent.glob("*.yaml"))
+        raise UserError(f"recipe {path} not found: give the path of a YAML recipe or a built-in name ({', '.join(known)})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
