@@ -14,6 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
@@ -45,6 +46,11 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Ac
     """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True."""
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous not in (None, mixed_precision) and PartialState().num_processes == 1:
+        # Accelerate keeps one global state per process; a later experiment in the same (single) process
+        # with another precision, e.g. from the Python API or tests, needs that state rebuilt.
+        AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 

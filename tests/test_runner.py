@@ -1,0 +1,59 @@
+"""Checks the runner makes before anything is written, and options that change how it trains."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from distill.data import ArrayDataset, DataSplits
+from distill.errors import UserError
+from distill.recipe import validate_recipe
+from distill.runner import check_compatible, run_recipe
+from distill.students import MLPConfig, build_model
+
+
+def _splits(labels):
+    x = torch.rand(len(labels), 4)
+    ds = ArrayDataset(x, torch.tensor(labels))
+    return DataSplits(name="t", train=ds, val=ds, test=ds, num_classes=3, input_shape=(4,), class_names=["a", "b", "c"])
+
+
+def test_labels_out_of_range_are_refused():
+    model = build_model(MLPConfig(hidden=[4]), (4,), 3)
+    check_compatible(model, model, _splits([0, 1, 2, -1]))  # -1 = unlabelled is fine
+    with pytest.raises(UserError, match="label 3 is out of range for a model with 3 outputs"):
+        check_compatible(model, model, _splits([0, 1, 3]))
+    with pytest.raises(UserError, match="label -2"):
+        check_compatible(model, model, _splits([0, -2]))
+
+
+def test_teacher_and_student_output_shapes_must_agree():
+    data = _splits([0, 1, 2])
+    with pytest.raises(UserError, match=r"teacher outputs shape \(2, 3\) but student outputs \(2, 5\)"):
+        check_compatible(build_model(MLPConfig(hidden=[4]), (4,), 3), build_model(MLPConfig(hidden=[4]), (4,), 5), data)
+
+
+def test_user_table_from_the_recipe_with_unlabelled_rows(tmp_path):
+    """A CSV with string labels and some missing ones, end to end through the runner (pseudo-labels on)."""
+    from sklearn.datasets import make_classification
+    import pandas as pd
+
+    x, y = make_classification(n_samples=400, n_features=6, n_informative=4, n_classes=3, random_state=0)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)])
+    frame["kind"] = pd.Series(["cat", "dog", "eel"]).iloc[y].to_numpy()
+    frame.loc[:40, "kind"] = None
+    path = tmp_path / "table.csv"
+    frame.to_csv(path, index=False)
+    train = {"epochs": 30, "batch_size": 32, "lr": 0.003}
+    raw = tiny_recipe(tmp_path, data={"dataset": "table", "path": str(path), "label_column": "kind"},
+                      teacher={"model": {"hidden": [64]}, "train": train}, student={"model": {"hidden": [16]}, "train": train})
+    results, out = run_recipe(validate_recipe(raw), progress=False)
+    assert results["dataset"] == "table" and results["models"]["student"]["accuracy"] > 0.6
+    assert json.loads((out / "results.json").read_text())["models"]["teacher"]["params"] > 0
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+    raw = tiny_recipe(tmp_path, mixed_precision="bf16", name="bf16")
+    results, _ = run_recipe(validate_recipe(raw), progress=False)
+    assert results["models"]["student"]["accuracy"] > 0.3
