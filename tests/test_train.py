@@ -105,3 +105,12 @@ def test_random_shift_moves_images_within_bounds():
     assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 2 and cols.max() <= 6
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # really random per image
     assert torch.equal(random_shift(x, 0), x)
+
+
+def test_empty_validation_split_keeps_the_last_epoch(digits):
+    from distill.data import ArrayDataset
+
+    empty = ArrayDataset(digits.val.x[:0], digits.val.y[:0])
+    model = _model()
+    result = fit(model, Supervised(SupervisedConfig()), digits.train, empty, TrainConfig(epochs=3, lr=0.003), progress=False)
+    assert result.best_epoch == 3 and "val_accuracy" not in result.history[-1]

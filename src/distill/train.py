@@ -115,6 +115,8 @@ def fit(
     and keeps the last weights.
     """
     accelerator = accelerator or make_accelerator()
+    if val_data is not None and len(val_data) == 0:
+        val_data = None  # no validation rows (val_fraction: 0): keep the last epoch's weights
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
