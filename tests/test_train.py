@@ -3,18 +3,12 @@
 import pytest
 import torch
 
-from distill.data import load_dataset
 from distill.errors import UserError
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import TrainConfig
 from distill.students import MLPConfig, build_model
 from distill.tasks.classification import evaluate, random_shift
 from distill.train import fit
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _model(seed=0):

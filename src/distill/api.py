@@ -2,7 +2,7 @@
 
     from distill import Distiller
     d = Distiller(teacher, student, method="kd", temperature=4.0, hard_weight=0.1, soft_weight=0.9)
-    # your loop:
+    # your loop (call d.start_epoch(epoch) at each epoch for methods with schedules):
     loss, parts = d.loss(x, y)          # teacher forward (no grad) + student forward + method loss
     loss.backward(); optimizer.step()   # optimise d.parameters() (the student's, plus any the method adds)
     # or ours (Accelerate, best-on-validation, early stopping, resumable checkpoints):
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from distill.errors import UserError
-from distill.methods import DISTILL_METHODS, build_method
+from distill.methods import DISTILL_METHODS, Method, build_method
 from distill.signals import LiveTeacher
 from distill.train import FitResult, fit
 
@@ -30,12 +30,28 @@ class Distiller:
         self.teacher = teacher
         self.student = student
         self.method = build_method(config, LiveTeacher(teacher))
+        self._ready = False  # set once the method has built its trainable parts (see setup)
+
+    def setup(self, example) -> None:
+        """Let the method build its trainable parts (e.g. hint regressors, peer students) from one input batch.
+        Call it before creating your optimizer; `fit` does it for you."""
+        self.method.setup(self.student, example)
+        self._ready = True
 
     def loss(self, x, y=None):
         """(loss, parts) for one batch; parts are detached tensors for logging."""
+        if not self._ready:
+            self.setup(x)
         return self.method(self.student, x, y)
 
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the method which epoch (1-based) begins, for methods with schedules (e.g. DKD's warm-up)."""
+        self.method.start_epoch(epoch)
+
     def parameters(self) -> list[nn.Parameter]:
+        if not self._ready and type(self.method).setup is not Method.setup:
+            raise UserError(f"method {self.method.name!r} builds trainable parts from the data: call "
+                            "distiller.setup(x) with one input batch before creating the optimizer")
         return list(self.student.parameters()) + list(self.method.parameters())
 
     def fit(self, train_data, val_data=None, *, seed: int = 0, state_dir=None, resume: bool = False,
@@ -48,5 +64,6 @@ class Distiller:
         except ValidationError as e:
             err = e.errors()[0]
             raise UserError(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self._ready = True  # fit calls method.setup itself
         return fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
                    resume=resume, desc="distill", progress=progress)

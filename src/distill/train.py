@@ -120,17 +120,20 @@ def fit(
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
+    method.setup(model, next(iter(loader))[0])  # trainable parts of the method, before the optimizer exists
+    method.modules.to(accelerator.device)
     params = list(model.parameters()) + list(method.parameters())
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
     prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
     raw_model = accelerator.unwrap_model(prepared_model)
+    trained = nn.ModuleDict({"student": raw_model, "method": method.modules})  # what a checkpoint holds
 
     result = FitResult()
     best_state = None
     start_epoch, step, bad_epochs = 1, 0, 0
     if resume and state_dir is not None and has_training_state(state_dir):
-        saved = load_training_state(state_dir, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+        saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
         extra = saved["extra"]
         result.history = extra["history"]
         result.best_epoch, result.best_val_accuracy = extra["best_epoch"], extra["best_val_accuracy"]
@@ -146,6 +149,8 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
         prepared_model.train()
+        method.modules.train()
+        method.start_epoch(epoch)
         loss_sum = torch.zeros((), device=accelerator.device)
         parts_sum: dict[str, torch.Tensor] = {}
         n_batches = 0
@@ -195,7 +200,7 @@ def fit(
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if state_dir is not None and accelerator.is_main_process:
-            _save_state(state_dir, raw_model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved)
+            _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved)
         if stop:
             log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
             break

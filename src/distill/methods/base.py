@@ -1,8 +1,12 @@
 """What a distillation method is: a config (pydantic, with a `method` tag) and a loss for a batch.
 
-A method never owns the training loop: the trainer calls `method(student, x, y)` and steps the
-optimizer. Methods that need extra trainable parts (regressors, other students) expose them via
-`parameters()` so the trainer can optimise them too.
+A method never owns the training loop. The trainer
+  1. calls `setup(student, example)` once, before it builds the optimizer: methods with trainable parts
+     of their own (regressors, peer students) create them in `self.modules` here;
+  2. calls `start_epoch(epoch)` at the start of every epoch (1-based), for schedules such as warm-ups;
+  3. calls `method(student, x, y)` for every batch and minimises the returned loss over the student's
+     parameters and `method.parameters()`. `self.modules` is saved in resumable checkpoints.
+Adding a method = one file in this package with a `@register`ed subclass; it is found automatically.
 """
 
 from abc import ABC, abstractmethod
@@ -25,14 +29,22 @@ class Method(ABC):
 
     def __init__(self, config: MethodConfig, teacher=None):
         self.config = config
-        self.teacher = teacher
+        self.teacher = teacher  # a signal: calling it on x gives teacher logits (see distill.signals)
+        self.modules = nn.ModuleDict()  # trainable parts besides the student
+        self.epoch = 1
+
+    def setup(self, student: nn.Module, example: torch.Tensor) -> None:
+        """Build trainable parts that depend on the student; `example` is one training batch of inputs."""
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @abstractmethod
     def __call__(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (loss to minimise, named detached parts for logging)."""
 
     def parameters(self) -> list[nn.Parameter]:
-        return []
+        return list(self.modules.parameters())
 
 
 REGISTRY: dict[str, type[Method]] = {}
