@@ -79,7 +79,8 @@ def cmd_methods(args):
             if field == "method":
                 continue
             doc = f"  {info.description}" if info.description else ""
-            print(f"{'':12s}   {field} = {info.default!r}{doc}")
+            default = "(required)" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
+            print(f"{'':12s}   {field} {default}{doc}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,12 @@ class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
 
 
+class StudentRole(ModelRole):
+    distill_train: TrainConfig | None = Field(
+        None, description="training settings of the distilled student when they differ from the scratch student's "
+                          "(e.g. a lower SGD learning rate: at high T the T²-scaled soft loss has larger gradients)")
+
+
 class ReportConfig(_Strict):
     latency_batch: int = Field(1, ge=1)
     throughput_batch: int = Field(256, ge=1)
@@ -83,7 +89,7 @@ class Recipe(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherRole = Field(default_factory=TeacherRole)
-    student: ModelRole = Field(default_factory=ModelRole)
+    student: StudentRole = Field(default_factory=StudentRole)
     distill: MethodConfigUnion = Field(default_factory=KDConfig)  # type: ignore[valid-type]
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -161,6 +167,9 @@ def describe_error(err: dict, raw: dict) -> str:
         close = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"valid keys here: {', '.join(sorted(known))}"
         return f"unknown key {field!r}: {hint}"
+    if err["type"] == "union_tag_invalid":  # e.g. distill.method: nope
+        tag = err["ctx"]["discriminator"].strip("'\"")
+        return f"{field}.{tag}: unknown {tag} {err['ctx']['tag']!r}: choose one of {err['ctx']['expected_tags']}"
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{field}: {err['msg']}{shown}"

@@ -160,7 +160,9 @@ class Experiment:
                 continue
             model = self._fresh_student()  # both start from the same initial weights: only the teacher differs
             method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher))
-            models[role], histories[role], seconds[role], epochs[role] = self._train_role(role, model, r.student, method, accelerator, resume)
+            train = r.student.train if role == "scratch" else r.student.distill_train or r.student.train
+            models[role], histories[role], seconds[role], epochs[role] = self._train_role(
+                role, model, r.student, method, accelerator, resume, train=train)
 
         results = {"recipe": r.name, "task": "classification", "dataset": self.data.name, "models": {}}
         example = self.data.test.x[0]
@@ -184,7 +186,7 @@ class Experiment:
         model.load_state_dict(self.student_init.state_dict())
         return model
 
-    def _train_role(self, role, model, role_cfg, method, accelerator, resume):
+    def _train_role(self, role, model, role_cfg, method, accelerator, resume, train=None):
         weights = self.partial / f"{role}.safetensors"
         record = model_record(role_cfg.model, self.data, self.recipe)
         history_file = self.partial / f"{role}.history.json"
@@ -194,7 +196,7 @@ class Experiment:
             saved = json.loads(history_file.read_text())
             return model, saved["history"], saved["train_seconds"], len(saved["history"])
         t0 = time.perf_counter()
-        result = fit(model, method, self.data.train, self.data.val, role_cfg.train, seed=self.recipe.seed,
+        result = fit(model, method, self.data.train, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
                      desc=role, progress=self.progress)
         log.info("%s: best epoch %d (val accuracy %.4f), %.1f s", role, result.best_epoch, result.best_val_accuracy, time.perf_counter() - t0)

@@ -48,24 +48,24 @@ def random_unit_directions(x: Tensor, n: int = 1, generator: torch.Generator | N
 
 
 def sobolev_target(logits: Tensor, target: str = "log_probs", temperature: float = 1.0) -> Tensor:
-    """The function f of the logits z whose input derivatives are matched.
+    """The function f of the logits z whose input derivatives are matched: the temperature-softened
+    quantities that the order-0 soft term compares.
 
-        target == "logits":     f(z) = z
-        target == "log_probs":  f(z) = T · log_softmax(z / T)
+        target == "log_probs":  f(z) = log_softmax(z / T) = z/T − logsumexp(z/T)
+        target == "logits":     f(z) = z / T
 
-    d f = T · (1/T) (dz − Σ_c p_c dz_c) with p = softmax(z / T): the logit derivative centred by the
-    network's own softened probabilities. Unlike raw logits this is invariant to adding any c(x) to all
-    logits (which changes no prediction, but changes the logit Jacobian by ∇c), and it differentiates
-    the very distribution the order-0 KL term matches. The factor T keeps it on the logits' scale, so a
-    derivative weight need not be retuned with T (the analogue of Hinton's T² on squared terms); as
-    T → ∞ it tends to the mean-centred logit derivative.
+    d log_softmax(z/T) = (dz − Σ_c p_c dz_c) / T with p = softmax(z/T): the softened logit derivative,
+    centred by the network's own probabilities. Unlike the logits, it is blind to adding any c(x) to all
+    logits, which changes no prediction but changes the logit Jacobian by ∇c; and it is the derivative
+    of the very distribution the order-0 KL matches. Both targets share the 1/T scale, so switching
+    between them needs no new weight; no T² compensation is applied, so the squared derivatives, and
+    the Sobolev term, shrink as 1/T² when T grows.
     """
     if target not in SOBOLEV_TARGETS:
         raise UserError(f"target must be one of {', '.join(map(repr, SOBOLEV_TARGETS))}, got {target!r}")
-    if target == "logits":
-        return logits
     T = _check_temperature(temperature)
-    return T * torch.log_softmax(_upcast(logits) / T, dim=-1)
+    z = _upcast(logits) / T
+    return z if target == "logits" else torch.log_softmax(z, dim=-1)
 
 
 def directional_derivatives(

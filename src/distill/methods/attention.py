@@ -8,13 +8,14 @@ For each pair j of a student layer and a teacher layer with 4-D outputs A (N, C,
 
 Channel counts may differ; a student map of another spatial size is resized to the teacher's by bilinear
 interpolation. Weighting: the authors' code averages the squared differences over positions as well and weights by
-β/2 = 500, which is at_weight = 500/(H·W) here: 8 for 8×8 maps, 0.5 for 32×32. The default at_weight 10 is in that
-range for small maps, and keeps AT on the scale of the KD term; each AT_j is at most 4.
+β/2 = 500, which is at_weight = 500/(H·W) here: 0.5, 2 and 8 for the 32×32, 16×16 and 8×8 maps of their CIFAR
+networks. The default at_weight 2 is that middle value (β = 1000 on 16×16 maps); as each AT_j lies in [0, 4], it
+keeps AT on the scale of the KD term whatever the map size. On digits, 1, 2 and 10 gave about the same test errors.
 """
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
 from distill.errors import UserError
 from distill.features import capture, probe, teacher_forward, teacher_model
@@ -33,14 +34,17 @@ class AttentionConfig(KDConfig):
     teacher_layers: list[LayerName] = Field(..., min_length=1, description="teacher modules paired one-to-one with "
                                             "student_layers")
     p: float = Field(2.0, gt=0, allow_inf_nan=False, description="exponent of the attention map Σ_c |A_c|^p")
-    at_weight: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of the summed attention losses")
+    at_weight: float = Field(2.0, ge=0, allow_inf_nan=False, description="weight of the summed attention losses")
 
-    @model_validator(mode="after")
-    def _paired(self):
-        if len(self.student_layers) != len(self.teacher_layers):
+    @field_validator("teacher_layers")
+    @classmethod
+    def _paired(cls, teacher_layers, info: ValidationInfo):
+        # a field validator (not a model one) so the error is located at teacher_layers in recipes and the API
+        student_layers = info.data.get("student_layers")
+        if student_layers is not None and len(student_layers) != len(teacher_layers):
             raise ValueError(f"student_layers and teacher_layers are paired one-to-one but have "
-                             f"{len(self.student_layers)} and {len(self.teacher_layers)} entries")
-        return self
+                             f"{len(student_layers)} and {len(teacher_layers)} entries")
+        return teacher_layers
 
 
 @register

@@ -6,10 +6,13 @@ loss  = hard_weight · CE(s, y) + soft_weight · SOFT(s, t) + derivative_weight 
         (HARD and SOFT exactly as in kd: distill.losses.kd_loss with this config's KD fields)
 DERIV = (1/B) Σ_b Σ_{k=1..K} Σ_c ( ∂f(s(x_b))_c/∂x · v_{b,k} − ∂f(t(x_b))_c/∂x · v_{b,k} )²
 v_{b,k} uniform on the unit sphere of one sample's input space, K = directions, drawn afresh every batch
-f(z)  = T · log_softmax(z / T)   (target: log_probs, the default)  |  z   (target: logits)
+f(z)  = log_softmax(z / T)   (target: log_probs, the default)  |  z / T   (target: logits)
 
 log_probs is the default because it differentiates the distribution that the order-0 KL matches and is
 blind to a per-input shift of all logits, which changes no prediction (see losses.sobolev.sobolev_target).
+f carries the 1/T of the softened outputs with no T² compensation, so DERIV shrinks as 1/T²: at T = 4 the
+default weight 1 is 1/16 on the raw-logit scale. On digits (CNN teacher, MLP student) that scale helps,
+while weight 1 on raw logits, where the teacher's derivatives dwarf the soft term, trains worse than scratch.
 The derivatives are Jacobian-vector products by double backward; the full Jacobian is never formed.
 The teacher needs gradients w.r.t. its input, so this method runs the teacher network itself (eval mode,
 frozen parameters) instead of the gradient-free teacher signal; its logits come from that same forward.
@@ -33,7 +36,7 @@ class SobolevConfig(KDConfig):
     derivative_weight: float = Field(1.0, ge=0, description="weight of the derivative-matching (order-1) term; 0 gives plain KD")
     directions: int = Field(1, ge=1, description="random input directions per sample for the directional derivatives")
     target: Literal["logits", "log_probs"] = Field(
-        "log_probs", description="differentiate T·log_softmax(z/T) (log_probs) or the raw logits z (logits)"
+        "log_probs", description="differentiate the softened log-probabilities log_softmax(z/T) (log_probs) or the softened logits z/T (logits)"
     )
 
 
