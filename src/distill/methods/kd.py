@@ -15,12 +15,12 @@ from distill.losses import kd_loss
 from distill.methods.base import Method, MethodConfig, register
 
 
-class KDConfig(MethodConfig):
-    method: Literal["kd"] = "kd"
+class SoftTargetConfig(MethodConfig):
+    """Fields shared by the methods built on soft targets plus a hard-label term."""
+
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
     hard_weight: float = Field(0.1, ge=0, description="w_s, weight of the cross-entropy to the labels")
     soft_weight: float = Field(0.9, ge=0, description="w_d, weight of the soft-target term")
-    soft_loss: Literal["kl", "soft_ce", "mse"] = "kl"
     t2_scaling: bool = Field(True, description="multiply the soft term by T² (Hinton) so its gradients do not shrink as 1/T²")
     pseudo_labels: bool = Field(True, description="unlabelled rows learn the teacher's argmax as a hard label")
 
@@ -29,6 +29,11 @@ class KDConfig(MethodConfig):
         if self.hard_weight == 0 and self.soft_weight == 0:
             raise ValueError("hard_weight and soft_weight are both 0: set soft_weight > 0")
         return self
+
+
+class KDConfig(SoftTargetConfig):
+    method: Literal["kd"] = "kd"
+    soft_loss: Literal["kl", "soft_ce", "mse"] = "kl"
 
 
 @register

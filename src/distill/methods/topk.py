@@ -13,30 +13,20 @@ label (label -1) take the teacher's argmax as their hard label when pseudo_label
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from distill.losses.hard import hard_label_loss
 from distill.losses.topk import topk_kd_loss
-from distill.methods.base import Method, MethodConfig, register
+from distill.methods.base import Method, register
+from distill.methods.kd import SoftTargetConfig
 
 
-class TopKConfig(MethodConfig):
+class TopKConfig(SoftTargetConfig):
     method: Literal["topk"] = "topk"
     k: int = Field(5, ge=1, description="number of the teacher's most likely classes kept per row")
     rest: Literal["renormalize", "bucket"] = Field(
         "bucket", description="the mass outside the top k: dropped and both distributions renormalised, or one extra bucket"
     )
-    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
-    hard_weight: float = Field(0.1, ge=0, description="weight of the cross-entropy to the labels")
-    soft_weight: float = Field(0.9, ge=0, description="weight of the top-k soft-target term")
-    t2_scaling: bool = Field(True, description="multiply the soft term by T² so its gradients do not shrink as 1/T²")
-    pseudo_labels: bool = Field(True, description="unlabelled rows learn the teacher's argmax as a hard label")
-
-    @model_validator(mode="after")
-    def _some_weight(self):
-        if self.hard_weight == 0 and self.soft_weight == 0:
-            raise ValueError("hard_weight and soft_weight are both 0: set soft_weight > 0")
-        return self
 
 
 @register
