@@ -5,6 +5,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# One intra-op thread: float results (and so the trained-student comparisons) do not depend on the core count.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
