@@ -108,3 +108,23 @@ def test_empty_validation_split_keeps_the_last_epoch(digits):
     model = _model()
     result = fit(model, Supervised(SupervisedConfig()), digits.train, empty, TrainConfig(epochs=3, lr=0.003), progress=False)
     assert result.best_epoch == 3 and "val_accuracy" not in result.history[-1]
+
+
+def test_any_dataset_of_pairs_trains_and_validates(digits):
+    """A user's own Dataset (no .x/.y attributes, per-sample __getitem__) works for training and validation."""
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, split):
+            self.split = split
+
+        def __len__(self):
+            return len(self.split.y)
+
+        def __getitem__(self, i):
+            return self.split.x[i], self.split.y[i]
+
+    model = _model()
+    result = fit(model, Supervised(SupervisedConfig()), Pairs(digits.train), Pairs(digits.val),
+                 TrainConfig(epochs=4, batch_size=64, lr=0.01), progress=False)
+    assert result.best_val_accuracy > 0.8
+    assert evaluate(model, Pairs(digits.test))["accuracy"] == evaluate(model, digits.test)["accuracy"]

@@ -120,7 +120,9 @@ def fit(
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
-    method.setup(model, next(iter(loader))[0])  # trainable parts of the method, before the optimizer exists
+    model.to(accelerator.device)
+    # trainable parts of the method (regressors, peers), before the optimizer exists
+    method.setup(model, next(iter(loader))[0].to(accelerator.device))
     method.modules.to(accelerator.device)
     params = list(model.parameters()) + list(method.parameters())
     optimizer = make_optimizer(params, cfg)

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 @torch.inference_mode()
@@ -12,10 +13,8 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 1024, device: torch
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    x_all, y_all = dataset.x, dataset.y
-    for start in range(0, len(y_all), batch_size):
-        x = x_all[start : start + batch_size].to(device)
-        y = y_all[start : start + batch_size].to(device)
+    for x, y in _batches(dataset, batch_size):
+        x, y = x.to(device), y.to(device)
         keep = y >= 0
         if not keep.any():
             continue
@@ -27,6 +26,17 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 1024, device: torch
     if total == 0:
         return {"accuracy": float("nan"), "errors": 0, "loss": float("nan"), "n": 0}
     return {"accuracy": correct / total, "errors": total - correct, "loss": loss_sum / total, "n": total}
+
+
+def _batches(data, batch_size: int):
+    """In-order (x, y) batches: slices of an in-memory dataset, or a DataLoader over any other (x, y) dataset."""
+    if isinstance(data, DataLoader):
+        yield from data
+    elif hasattr(data, "x") and hasattr(data, "y"):
+        for start in range(0, len(data.y), batch_size):
+            yield data.x[start : start + batch_size], data.y[start : start + batch_size]
+    else:
+        yield from DataLoader(data, batch_size=batch_size)
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
