@@ -144,3 +144,38 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "tiny" / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
     for role in ("teacher", "scratch", "student"):
         assert resumed["models"][role]["accuracy"] == straight["models"][role]["accuracy"], role
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path, capsys, monkeypatch):
+    from distill.methods import kd
+
+    recipe = _write(tmp_path, tiny_recipe(tmp_path))
+
+    def dying(self, student, x, y):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd.KD, "__call__", dying)
+    assert main(["run", recipe, "--quiet"]) == 130  # killed while distilling: teacher and scratch are kept
+    monkeypatch.undo()
+    assert main(["run", recipe, "--quiet", "--resume", "data.split_seed=3"]) == 2
+    assert "data.split_seed=0" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "tiny.partial" / "teacher.safetensors").is_file()  # nothing was thrown away
+
+
+@pytest.mark.parametrize("case", ["output_dir_is_a_file", "binary_recipe", "negative_width", "zero_channels"])
+def test_more_bad_input_is_one_line(tmp_path, capsys, case):
+    raw = tiny_recipe(tmp_path)
+    extra = []
+    if case == "output_dir_is_a_file":
+        (tmp_path / "afile").write_text("x")
+        extra = [f"output_dir={tmp_path / 'afile'}"]
+    elif case == "negative_width":
+        extra = ["student.model.hidden=[-3]"]
+    elif case == "zero_channels":
+        extra = ["teacher.model={kind: cnn, channels: [0]}"]
+    recipe = _write(tmp_path, raw)
+    if case == "binary_recipe":
+        (tmp_path / "recipe.yaml").write_bytes(b"\xff\xfe\x00\x81binary")
+    assert main(["run", recipe, "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill: error:") and "\n" not in err, err

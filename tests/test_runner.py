@@ -57,3 +57,15 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
     raw = tiny_recipe(tmp_path, mixed_precision="bf16", name="bf16")
     results, _ = run_recipe(validate_recipe(raw), progress=False)
     assert results["models"]["student"]["accuracy"] > 0.3
+
+
+def test_split_check_ignores_test_fraction_where_the_test_set_is_official():
+    from distill.runner import check_same_split
+
+    mnist = {"dataset": "mnist", "test_fraction": 0.2, "split_seed": 0}
+    check_same_split(mnist, {**mnist, "test_fraction": 0.5}, "t.safetensors")  # MNIST's test set is fixed
+    table = {"dataset": "table", "path": "a.csv", "label_column": "y", "test_fraction": 0.2}
+    with pytest.raises(UserError, match="data.test_fraction=0.2"):
+        check_same_split(table, {**table, "test_fraction": 0.5}, "t.safetensors")
+    with pytest.raises(UserError, match="data.label_column='y'"):
+        check_same_split(table, {**table, "label_column": "z"}, "t.safetensors")

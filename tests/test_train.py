@@ -128,3 +128,12 @@ def test_any_dataset_of_pairs_trains_and_validates(digits):
                  TrainConfig(epochs=4, batch_size=64, lr=0.01), progress=False)
     assert result.best_val_accuracy > 0.8
     assert evaluate(model, Pairs(digits.test))["accuracy"] == evaluate(model, digits.test)["accuracy"]
+
+
+def test_resume_after_an_early_stop_does_not_train_on(digits, tmp_path):
+    cfg = TrainConfig(epochs=30, batch_size=64, lr=0.003, patience=1)
+    first = fit(_model(), Supervised(SupervisedConfig()), digits.train, digits.val, cfg, state_dir=tmp_path / "s", progress=False)
+    assert len(first.history) < 30
+    again = fit(_model(), Supervised(SupervisedConfig()), digits.train, digits.val, cfg, state_dir=tmp_path / "s",
+                resume=True, progress=False)
+    assert len(again.history) == len(first.history)

@@ -144,6 +144,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path} cannot be read as UTF-8 text ({type(e).__name__}): give a YAML file") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path} must be a mapping of sections (name, data, teacher, student, distill)")
     raw = apply_overrides(raw, overrides or [])

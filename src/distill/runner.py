@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate.utils import set_seed
+from pydantic import ValidationError
 
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
 from distill.data import DataSplits, load_dataset
@@ -54,7 +56,13 @@ def model_record(model_cfg, data: DataSplits, recipe: Recipe) -> dict:
 def build_from_record(record: dict, source: str) -> torch.nn.Module:
     if "model" not in record:
         raise UserError(f"{source} has no distill model description in its metadata; it was not written by distill")
-    return build_model(model_config_adapter.validate_python(record["model"]), tuple(record["input_shape"]), record["num_classes"])
+    try:
+        config = model_config_adapter.validate_python(record["model"])
+        return build_model(config, tuple(record["input_shape"]), int(record["num_classes"]))
+    except (ValidationError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{source}: its model description is invalid ({type(e).__name__}); re-save it with distill") from None
 
 
 def check_compatible(teacher, student, data: DataSplits) -> None:
@@ -72,12 +80,15 @@ def check_compatible(teacher, student, data: DataSplits) -> None:
             raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
 
 
-SPLIT_FIELDS = ("dataset", "path", "val_fraction", "test_fraction", "split_seed")
+SPLIT_FIELDS = ("dataset", "path", "label_column", "feature_columns", "val_fraction", "test_fraction", "split_seed")
+OFFICIAL_TEST_SPLIT = ("mnist", "fashion-mnist")  # their test set is fixed: test_fraction plays no part
 
 
 def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
     """A teacher trained on another split may have seen our validation or test rows: refuse it."""
     for key in SPLIT_FIELDS:
+        if key == "test_fraction" and data.get("dataset") in OFFICIAL_TEST_SPLIT:
+            continue
         if key in teacher_data and teacher_data[key] != data.get(key):
             raise UserError(
                 f"teacher {path} was trained with data.{key}={teacher_data[key]!r} but the recipe has {data.get(key)!r}: "
@@ -104,6 +115,17 @@ class Experiment:
         self.out = Path(recipe.output_dir) / recipe.name
         self.partial = self.out.with_name(self.out.name + ".partial")
 
+    def _check_same_recipe(self) -> None:
+        """Resuming with another recipe would mix stages trained on different settings (even splits): refuse."""
+        saved = self.partial / "recipe.yaml"
+        if not saved.exists():
+            return
+        before, now = yaml.safe_load(saved.read_text()), yaml.safe_load(recipe_to_yaml(self.recipe))
+        diff = _first_difference(before, now)
+        if diff:
+            raise UserError(f"--resume: {self.partial} was started with {diff[0]}={diff[1]!r}, now {diff[2]!r}; "
+                            "resume with the same recipe, or run without --resume to start over")
+
     def _build_teacher(self) -> torch.nn.Module:
         """The recipe's teacher; from a checkpoint, the architecture stored in it (else the recipe's)."""
         recipe, data = self.recipe, self.data
@@ -124,8 +146,13 @@ class Experiment:
     def run(self, resume: bool = False) -> dict:
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.partial / "log.txt")
+        if resume:
+            self._check_same_recipe()
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.partial / "log.txt")
+        except OSError as e:
+            raise UserError(f"cannot write the run folder {self.partial} ({e.strerror}): set output_dir to a writable folder") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -211,10 +238,22 @@ class Experiment:
         for f in self.partial.glob("*.history.json"):
             f.unlink()
         old = self.out.with_name(self.out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed in the middle of this swap
         if self.out.exists():
             self.out.rename(old)
         self.partial.rename(self.out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_difference(a, b, prefix=""):
+    """(dotted key, old, new) of the first difference between two nested dicts, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
 
 
 def run_recipe(recipe: Recipe, *, stages=ROLES, teacher_checkpoint=None, resume=False, progress=True) -> tuple[dict, Path]:

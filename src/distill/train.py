@@ -141,6 +141,8 @@ def fit(
         result.best_epoch, result.best_val_accuracy = extra["best_epoch"], extra["best_val_accuracy"]
         result.train_seconds, bad_epochs = extra["train_seconds"], extra["bad_epochs"]
         start_epoch, step = saved["epoch"] + 1, saved["step"]
+        if extra.get("stopped"):
+            start_epoch = cfg.epochs + 1  # it had stopped early: nothing left to train
         if _best_path(state_dir).exists():
             best_state = load_model_file(_best_path(state_dir))[0]
         log.info("%s: resumed after epoch %d", desc, saved["epoch"])
@@ -202,7 +204,7 @@ def fit(
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if state_dir is not None and accelerator.is_main_process:
-            _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved)
+            _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stop)
         if stop:
             log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
             break
@@ -217,7 +219,7 @@ def _best_path(state_dir) -> Path:
     return Path(state_dir).parent / f"{Path(state_dir).name}.best.safetensors"
 
 
-def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved):
+def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stopped):
     if improved and best_state is not None:
         # best weights first: a kill between the two writes leaves the older state, and replaying that
         # epoch (deterministic) writes the same best weights again
@@ -229,5 +231,6 @@ def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad
         "best_val_accuracy": result.best_val_accuracy,
         "train_seconds": result.train_seconds,
         "bad_epochs": bad_epochs,
+        "stopped": stopped,
     }
     save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch, extra=extra)

@@ -3,17 +3,17 @@
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 
 class CNNConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["cnn"] = "cnn"
-    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
     kernel_size: int = Field(3, ge=1)
     batch_norm: bool = True
-    hidden: list[int] = Field(default_factory=lambda: [128])
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128])
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

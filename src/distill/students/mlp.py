@@ -3,14 +3,14 @@
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 
 class MLPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="units per hidden layer")
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256], description="units per hidden layer")
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the (flattened) input")
