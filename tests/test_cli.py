@@ -179,3 +179,21 @@ def test_more_bad_input_is_one_line(tmp_path, capsys, case):
     assert main(["run", recipe, "--quiet", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("distill: error:") and "\n" not in err, err
+
+
+def test_an_ensemble_of_trained_teachers_from_the_recipe(tmp_path, capsys):
+    recipe = _write(tmp_path, tiny_recipe(tmp_path))
+    assert main(["train", recipe, "--quiet", "name=t1"]) == 0
+    assert main(["train", recipe, "--quiet", "name=t2", "seed=1", "teacher.model.hidden=[64]"]) == 0
+    a, b = (str(tmp_path / "runs" / n / "teacher.safetensors") for n in ("t1", "t2"))
+    params = [json.loads((tmp_path / "runs" / n / "results.json").read_text())["models"]["teacher"]["params"] for n in ("t1", "t2")]
+    ensemble = f"teacher.ensemble={{checkpoints: [{a}, {b}], weights: [2, 1]}}"
+    assert main(["distill", recipe, "--quiet", ensemble]) == 0
+    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert results["models"]["teacher"]["params"] == sum(params)  # the ensemble is the teacher that is reported
+    assert results["config"]["teacher"]["ensemble"]["weights"] == [2.0, 1.0]
+    capsys.readouterr()
+    assert main(["distill", recipe, "--quiet", f"teacher.ensemble={{checkpoints: [{a}, {b}], weights: [1]}}"]) == 2
+    assert "one weight" in capsys.readouterr().err
+    assert main(["run", recipe, "--quiet", f"teacher.checkpoint={a}", ensemble]) == 2
+    assert "not both" in capsys.readouterr().err

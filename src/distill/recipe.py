@@ -66,8 +66,27 @@ class ModelRole(_Strict):
         return data
 
 
+class EnsembleConfig(_Strict):
+    checkpoints: list[str] = Field(..., min_length=2, description="safetensors teachers written by distill")
+    weights: list[float] | None = Field(None, description="one weight >= 0 per teacher (default: equal)")
+    combine: Literal["probs", "logits"] = Field("probs", description="average the teachers' probabilities or logits")
+
+    @model_validator(mode="after")
+    def _one_weight_each(self):
+        if self.weights is not None and (len(self.weights) != len(self.checkpoints) or min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError(f"give one weight >= 0 per checkpoint ({len(self.checkpoints)}), with a positive sum")
+        return self
+
+
 class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
+    ensemble: EnsembleConfig | None = Field(None, description="several trained teachers acting as one")
+
+    @model_validator(mode="after")
+    def _checkpoint_or_ensemble(self):
+        if self.checkpoint and self.ensemble:
+            raise ValueError("set teacher.checkpoint or teacher.ensemble, not both")
+        return self
 
 
 class StudentRole(ModelRole):

@@ -23,7 +23,7 @@ from distill.methods import build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
-from distill.signals import LiveTeacher
+from distill.signals import LiveTeacher, TeacherEnsemble
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
 from distill.train import fit, make_accelerator
@@ -104,7 +104,8 @@ class Experiment:
         self.stages = tuple(stages)
         self.progress = progress
         self.teacher_checkpoint = teacher_checkpoint or recipe.teacher.checkpoint
-        if "teacher" not in self.stages and self.teacher_checkpoint is None and {"student"} & set(self.stages):
+        self.teacher_given = bool(self.teacher_checkpoint or recipe.teacher.ensemble)  # loaded, not trained here
+        if "teacher" not in self.stages and not self.teacher_given and {"student"} & set(self.stages):
             raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
         # --- everything a user can get wrong, before anything is written ---
         self.data = load_data(recipe)
@@ -127,11 +128,18 @@ class Experiment:
                             "resume with the same recipe, or run without --resume to start over")
 
     def _build_teacher(self) -> torch.nn.Module:
-        """The recipe's teacher; from a checkpoint, the architecture stored in it (else the recipe's)."""
+        """The recipe's teacher; from a checkpoint, the architecture stored in it (else the recipe's);
+        from teacher.ensemble, the listed checkpoints as one TeacherEnsemble."""
         recipe, data = self.recipe, self.data
-        if not self.teacher_checkpoint:
-            return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
-        path = self.teacher_checkpoint
+        if self.teacher_checkpoint:
+            return self._load_teacher(self.teacher_checkpoint)
+        if recipe.teacher.ensemble:
+            e = recipe.teacher.ensemble
+            return TeacherEnsemble([self._load_teacher(p) for p in e.checkpoints], e.weights, e.combine)
+        return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+
+    def _load_teacher(self, path: str) -> torch.nn.Module:
+        recipe, data = self.recipe, self.data
         state, record = load_model_file(path)
         if "model" in record:
             check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
@@ -176,7 +184,7 @@ class Experiment:
         accelerator = make_accelerator(r.mixed_precision)
         models, histories, seconds, epochs = {}, {}, {}, {}
 
-        if self.teacher_checkpoint or "teacher" not in self.stages:
+        if self.teacher_given or "teacher" not in self.stages:
             models["teacher"] = self.teacher
         else:
             models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
