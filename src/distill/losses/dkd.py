@@ -8,15 +8,9 @@ from torch import Tensor
 
 from distill.errors import UserError
 from distill.losses.kd import _check_weight
-from distill.losses.kl import _check_pair, _check_temperature, _rows
+from distill.losses.kl import _check_pair, _check_temperature, _kl_rows, _rows
 
 __all__ = ["dkd_loss"]
-
-
-def _kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
-    """sum over the last dim of p_t·(log p_t - log p_s), with 0·log 0 = 0."""
-    p_t = log_pt.exp()
-    return torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
 
 
 def _target_split(log_p: Tensor, target: Tensor) -> Tensor:

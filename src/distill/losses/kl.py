@@ -99,6 +99,13 @@ def _reduce_rows(per_row: Tensor, keep: Tensor | None, n_rows: int, leading: tor
     return total / max(per_row.shape[0], 1)
 
 
+def _kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
+    """KL per row from log-probabilities: sum over the last dim of p_t·(log p_t − log p_s), with 0·log 0 = 0.
+    where() rather than xlogy: p_t == 0 with log p_t == -inf would otherwise give 0 · -inf = nan."""
+    p_t = log_pt.exp()
+    return torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
+
+
 def _soft_rows(student_logits, teacher_logits, temperature, mask):
     """Shared front half of the two soft-target losses: validate, flatten, select, log-softmax."""
     _check_pair(student_logits, teacher_logits)
@@ -141,10 +148,7 @@ def soft_target_kl(
     """
     _check_reduction(reduction, _ROW_REDUCTIONS)
     T, leading, keep, log_ps, log_pt = _soft_rows(student_logits, teacher_logits, temperature, mask)
-    p_t = log_pt.exp()
-    # where() rather than xlogy: p_t == 0 with log p_t == -inf would otherwise give 0 * -inf = nan.
-    per_class = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0)
-    per_row = per_class.sum(-1)
+    per_row = _kl_rows(log_pt, log_ps)
     if t2_scaling:
         per_row = per_row * (T * T)
     return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)

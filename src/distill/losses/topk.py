@@ -19,6 +19,7 @@ from distill.losses.kl import (
     _check_reduction,
     _check_temperature,
     _flat_mask,
+    _kl_rows,
     _reduce_rows,
     _rows,
     _select,
@@ -155,9 +156,7 @@ def topk_kd_loss_from_indices(
             log_qt = torch.cat([log_qt, log_rest_t], dim=-1)
             log_qs = torch.cat([log_qs, log_rest_s], dim=-1)
 
-    q_t = log_qt.exp()
-    # where() rather than xlogy: q_t == 0 with log q_t == -inf would otherwise give 0 * -inf = nan.
-    per_row = torch.where(q_t > 0, q_t * (log_qt - log_qs), 0.0).sum(-1)
+    per_row = _kl_rows(log_qt, log_qs)
     if t2_scaling:
         per_row = per_row * (T * T)
     return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
