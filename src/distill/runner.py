@@ -96,6 +96,20 @@ def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
             )
 
 
+def load_teacher(recipe: Recipe, data: DataSplits, path: str) -> torch.nn.Module:
+    """A teacher saved by distill: its stored architecture (else the recipe's), refused if trained on another split."""
+    state, record = load_model_file(path)
+    if "model" in record:
+        check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
+        if tuple(record["input_shape"]) != tuple(data.input_shape):
+            raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
+        model = build_from_record(record, path)
+    else:
+        model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+    load_weights(model, state, source=path)
+    return model
+
+
 class Experiment:
     """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
 
@@ -132,24 +146,11 @@ class Experiment:
         from teacher.ensemble, the listed checkpoints as one TeacherEnsemble."""
         recipe, data = self.recipe, self.data
         if self.teacher_checkpoint:
-            return self._load_teacher(self.teacher_checkpoint)
+            return load_teacher(recipe, data, self.teacher_checkpoint)
         if recipe.teacher.ensemble:
             e = recipe.teacher.ensemble
-            return TeacherEnsemble([self._load_teacher(p) for p in e.checkpoints], e.weights, e.combine)
+            return TeacherEnsemble([load_teacher(recipe, data, p) for p in e.checkpoints], e.weights, e.combine)
         return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
-
-    def _load_teacher(self, path: str) -> torch.nn.Module:
-        recipe, data = self.recipe, self.data
-        state, record = load_model_file(path)
-        if "model" in record:
-            check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
-            if tuple(record["input_shape"]) != tuple(data.input_shape):
-                raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
-            model = build_from_record(record, path)
-        else:
-            model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
-        load_weights(model, state, source=path)
-        return model
 
     def run(self, resume: bool = False) -> dict:
         if self.partial.exists() and not resume:
