@@ -95,6 +95,25 @@ class StudentRole(ModelRole):
                           "(e.g. a lower SGD learning rate: at high T the T²-scaled soft loss has larger gradients)")
 
 
+class TransferConfig(_Strict):
+    """Which rows the students learn from (see distill.transfer)."""
+
+    rows: Literal["train", "heldout"] = Field(
+        "train", description="train: the teacher's training rows; heldout: the teacher trains on one part of the "
+                             "training split and the students learn from the other part")
+    heldout_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="share of the training split kept for the students (rows: heldout)")
+    omit_classes: list[int] = Field(default_factory=list, description="classes removed from the students' rows (Hinton's omitted 3)")
+    bias_correction: float | Literal["auto"] | None = Field(
+        "auto", description="raise the omitted classes' logits of the distilled student by this much (auto: the value "
+                            "best on the validation rows; null: none); reported as the role student+bias")
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.omit_classes)) != len(self.omit_classes) or any(c < 0 for c in self.omit_classes):
+            raise ValueError(f"omit_classes must be distinct class indices >= 0, got {self.omit_classes}")
+        return self
+
+
 class ReportConfig(_Strict):
     latency_batch: int = Field(1, ge=1)
     throughput_batch: int = Field(256, ge=1)
@@ -109,7 +128,11 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherRole = Field(default_factory=TeacherRole)
     student: StudentRole = Field(default_factory=StudentRole)
+    assistants: list[ModelRole] = Field(
+        default_factory=list, description="teacher-assistant chain (Mirzadeh et al. 2020): each assistant is distilled "
+                                          "from the one before (the first from the teacher), the student from the last")
     distill: MethodConfigUnion = Field(default_factory=KDConfig)  # type: ignore[valid-type]
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="before")

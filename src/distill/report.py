@@ -215,6 +215,24 @@ def distillation_summary(results: dict) -> str | None:
     return head + (f", {tail}." if tail else ".") + verdict
 
 
+def omitted_classes_section(results: dict) -> list[str]:
+    """Errors on the classes left out of the students' rows (Hinton's omitted 3), per role; [] if none."""
+    models = {r: m for r, m in ordered_models(results).items() if isinstance(m.get("omitted_class_errors"), dict)}
+    if not models:
+        return []
+    classes = list(next(iter(models.values()))["omitted_class_errors"])
+    out = ["## Classes left out of the transfer set", "",
+           "The students never saw a row of these classes; only the teacher's soft targets tell of them. "
+           "`student+bias` is the distilled student with those classes' logits raised by the bias shown.", "",
+           "| model | " + " | ".join(f"errors on class {c}" for c in classes) + " | all test errors | bias |",
+           "|:---|" + "---:|" * (len(classes) + 2)]
+    for role, m in models.items():
+        cells = [f"{m['omitted_class_errors'][c]['errors']} / {m['omitted_class_errors'][c]['n']}" for c in classes]
+        bias = m.get("bias_correction")
+        out.append(f"| {role} | " + " | ".join(cells) + f" | {m.get('errors', '-')} | {'-' if bias is None else f'{bias:.2f}'} |")
+    return out + [""]
+
+
 # ----------------------------------------------------------------------------- writing
 def _atomic_write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +289,7 @@ def write_report(run_dir, results: dict, histories: dict[str, list[dict]]) -> Pa
     lines += ["## What distillation bought", "",
               summary or "Not computed: the run needs both a `student` and a `scratch` model (same network trained "
                          "without the teacher) to tell what distillation added.", ""]
+    lines += omitted_classes_section(results)
     shown = [(title, p) for title, p in images if p is not None]
     if shown:
         lines += ["## Plots", ""] + [f"![{title}]({Path(p).name})\n" for title, p in shown]

@@ -26,6 +26,7 @@ from distill.report import format_table, model_card, write_report, write_results
 from distill.signals import LiveTeacher, TeacherEnsemble
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
+from distill.transfer import BiasShifted, choose_bias, class_shift, errors_on_classes, split_rows
 from distill.train import fit, make_accelerator
 
 log = logging.getLogger("distill")
@@ -49,6 +50,7 @@ def model_record(model_cfg, data: DataSplits, recipe: Recipe) -> dict:
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
         "data": recipe.data.model_dump(mode="json"),
+        "transfer": recipe.transfer.model_dump(mode="json"),
         "seed": recipe.seed,
     }
 
@@ -101,6 +103,7 @@ def load_teacher(recipe: Recipe, data: DataSplits, path: str) -> torch.nn.Module
     state, record = load_model_file(path)
     if "model" in record:
         check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
+        check_same_teacher_rows(record.get("transfer") or {}, recipe, path)
         if tuple(record["input_shape"]) != tuple(data.input_shape):
             raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
         model = build_from_record(record, path)
@@ -108,6 +111,16 @@ def load_teacher(recipe: Recipe, data: DataSplits, path: str) -> torch.nn.Module
         model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
     load_weights(model, state, source=path)
     return model
+
+
+def check_same_teacher_rows(teacher_transfer: dict, recipe: Recipe, path: str) -> None:
+    """With held-out transfer rows the teacher must not have trained on the students' rows."""
+    t = recipe.transfer
+    if t.rows != "heldout":
+        return
+    if teacher_transfer.get("rows") != "heldout" or teacher_transfer.get("heldout_fraction") != t.heldout_fraction:
+        raise UserError(f"teacher {path} was not trained with transfer.rows=heldout and heldout_fraction={t.heldout_fraction}, "
+                        "so it may have seen the students' held-out rows: train the teacher with this recipe")
 
 
 class Experiment:
@@ -123,10 +136,20 @@ class Experiment:
             raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
         # --- everything a user can get wrong, before anything is written ---
         self.data = load_data(recipe)
+        t = recipe.transfer
+        bad = [c for c in t.omit_classes if c >= self.data.num_classes]
+        if bad:
+            raise UserError(f"transfer.omit_classes: class {bad[0]} is out of range for {self.data.name}, whose classes are 0..{self.data.num_classes - 1}")
+        self.teacher_rows, self.student_rows = split_rows(self.data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)
         set_seed(recipe.seed)
         self.teacher = self._build_teacher()
         self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
         check_compatible(self.teacher, self.student_init, self.data)
+        for i, a in enumerate(recipe.assistants, 1):
+            try:
+                check_compatible(self.teacher, build_model(a.model, self.data.input_shape, self.data.num_classes), self.data)
+            except UserError as e:
+                raise UserError(f"assistants[{i - 1}]: {e}") from None
         self.out = Path(recipe.output_dir) / recipe.name
         self.partial = self.out.with_name(self.out.name + ".partial")
 
@@ -189,8 +212,17 @@ class Experiment:
             models["teacher"] = self.teacher
         else:
             models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
-                "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume)
+                "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
         teacher = models["teacher"].to(accelerator.device)
+        if "student" in self.stages:
+            # teacher-assistant chain: each assistant learns from the one before; the student from the last
+            for i, a in enumerate(r.assistants, 1):
+                role = f"assistant{i}"
+                set_seed(r.seed + i)
+                model = build_model(a.model, self.data.input_shape, self.data.num_classes)
+                models[role], histories[role], seconds[role], epochs[role] = self._train_role(
+                    role, model, a, build_method(r.distill, LiveTeacher(teacher)), accelerator, resume, data=self.student_rows)
+                teacher = models[role].to(accelerator.device)
         for role in ("scratch", "student"):
             if role not in self.stages:
                 continue
@@ -198,7 +230,10 @@ class Experiment:
             method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher))
             train = r.student.train if role == "scratch" else r.student.distill_train or r.student.train
             models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                role, model, r.student, method, accelerator, resume, train=train)
+                role, model, r.student, method, accelerator, resume, train=train, data=self.student_rows)
+        if r.transfer.omit_classes and r.transfer.bias_correction is not None and "student" in models:
+            models["student+bias"] = self._bias_corrected(models["student"])
+            seconds["student+bias"], epochs["student+bias"] = seconds["student"], epochs["student"]
 
         results = {"recipe": r.name, "task": "classification", "dataset": self.data.name, "models": {}}
         example = self.data.test.x[0]
@@ -211,18 +246,31 @@ class Experiment:
                 "errors": scores["errors"], "test_size": scores["n"], **card,
                 "train_seconds": seconds.get(role), "epochs": epochs.get(role),
             }
+            if r.transfer.omit_classes:
+                results["models"][role]["omitted_class_errors"] = errors_on_classes(model, self.data.test, r.transfer.omit_classes)
+            if isinstance(model, BiasShifted):
+                results["models"][role]["bias_correction"] = float(model.shift.max())
+        results["transfer"] = {"rows": r.transfer.rows, "teacher_rows": len(self.teacher_rows), "student_rows": len(self.student_rows),
+                               "omit_classes": r.transfer.omit_classes}
         results["config"] = r.model_dump(mode="json")
         write_results(self.partial, results)
         atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
         write_report(self.partial, results, histories)
         return results
 
+    def _bias_corrected(self, student: torch.nn.Module) -> BiasShifted:
+        t, n = self.recipe.transfer, self.data.num_classes
+        student = student.cpu()
+        value = t.bias_correction if t.bias_correction != "auto" else choose_bias(student, self.data.val, t.omit_classes, n)
+        log.info("student+bias: omitted classes %s raised by %.2f", t.omit_classes, value)
+        return BiasShifted(student, class_shift(n, t.omit_classes, value))
+
     def _fresh_student(self) -> torch.nn.Module:
         model = build_model(self.recipe.student.model, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(self.student_init.state_dict())
         return model
 
-    def _train_role(self, role, model, role_cfg, method, accelerator, resume, train=None):
+    def _train_role(self, role, model, role_cfg, method, accelerator, resume, train=None, data=None):
         weights = self.partial / f"{role}.safetensors"
         record = model_record(role_cfg.model, self.data, self.recipe)
         history_file = self.partial / f"{role}.history.json"
@@ -232,7 +280,7 @@ class Experiment:
             saved = json.loads(history_file.read_text())
             return model, saved["history"], saved["train_seconds"], len(saved["history"])
         t0 = time.perf_counter()
-        result = fit(model, method, self.data.train, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
+        result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
                      desc=role, progress=self.progress)
         log.info("%s: best epoch %d (val accuracy %.4f), %.1f s", role, result.best_epoch, result.best_val_accuracy, time.perf_counter() - t0)
