@@ -11,6 +11,7 @@ USAGE_EXAMPLES = """examples:
   distill run recipes/mnist-hinton.yaml seed=1 distill.temperature=8
   distill train recipes/mnist-hinton.yaml       # the teacher only
   distill distill recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors
+  distill cache recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors --out caches/mnist-train
   distill eval runs/digits/student.safetensors
   distill methods
 """
@@ -70,6 +71,28 @@ def cmd_eval(args):
     print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))
 
 
+def cmd_cache(args):
+    import torch
+
+    from distill.runner import load_data, load_teacher
+    from distill.signals.cache import write_cache, write_summary
+
+    recipe = _recipe(args)
+    teacher_path = args.teacher or recipe.teacher.checkpoint
+    if not teacher_path:
+        raise UserError("distill cache needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
+    data = load_data(recipe)
+    teacher = load_teacher(recipe, data, teacher_path)
+    try:
+        manifest = write_cache(teacher, getattr(data, args.split), args.out, top_k=args.top_k, dtype=args.dtype,
+                               batch_size=args.batch_size, resume=not args.restart,
+                               device="cuda" if torch.cuda.is_available() else "cpu")
+    except KeyboardInterrupt:
+        print("distill: interrupted; rerun the same command to continue the cache", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(write_summary(manifest, args.out))
+
+
 def cmd_methods(args):
     from distill.methods import REGISTRY
 
@@ -108,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("cache", help="run a teacher once over a split and store its outputs for later students",
+                       description="run a teacher once over a split and store its outputs for later students")
+    c.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (default: the built-in digits recipe) and overrides")
+    c.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+    c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
+    c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
+    c.add_argument("--top-k", type=int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
+    c.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="type of the stored logits")
+    c.add_argument("--split", choices=("train", "val", "test"), default="train")
+    c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")
+    c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
+    c.set_defaults(func=cmd_cache)
     m = sub.add_parser("methods", help="list distillation methods and their parameters")
     m.set_defaults(func=cmd_methods)
     return p

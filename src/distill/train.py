@@ -114,6 +114,9 @@ def fit(
     epoch, history); with resume=True an existing one there is continued. val_data=None trains for all epochs
     and keeps the last weights.
     """
+    if cfg.jitter and _is_cached(getattr(method, "teacher", None)):
+        raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
+                        "inputs: set train.jitter=0 or use the live teacher")
     accelerator = accelerator or make_accelerator()
     if val_data is not None and len(val_data) == 0:
         val_data = None  # no validation rows (val_fraction: 0): keep the last epoch's weights
@@ -159,7 +162,9 @@ def fit(
         parts_sum: dict[str, torch.Tensor] = {}
         n_batches = 0
         t0 = time.perf_counter()
-        for x, y in prepared_loader:
+        for batch in prepared_loader:
+            x, y = batch[0], batch[1]
+            _feed_teacher(getattr(method, "teacher", None), batch, x)
             if cfg.jitter:
                 x = random_shift(x, cfg.jitter)
             with accelerator.autocast():
@@ -212,6 +217,23 @@ def fit(
     if best_state is not None:
         raw_model.load_state_dict(best_state)
     return result
+
+
+def _is_cached(teacher) -> bool:
+    return callable(getattr(teacher, "feed", None))  # distill.signals.cache.CachedTeacher
+
+
+def _feed_teacher(teacher, batch, x) -> None:
+    """Batches are (x, y) or, from a CachedDataset, (x, y, teacher_logits): hand those logits to the cached
+    teacher before the method asks it about x."""
+    if len(batch) == 3 and _is_cached(teacher):
+        teacher.feed(batch[2], inputs=x)
+    elif _is_cached(teacher):
+        raise UserError("the method's teacher is a CachedTeacher but the training batches carry no teacher logits: "
+                        "train on CachedDataset(data, cache)")
+    elif len(batch) == 3 and teacher is not None:
+        raise UserError("the training batches carry cached teacher logits but the method's teacher is live: "
+                        "build the method with CachedTeacher() or train on the plain dataset")
 
 
 def _best_path(state_dir) -> Path:
