@@ -82,3 +82,32 @@ def test_distiller_fit_and_bad_arguments(digits, digits_teacher):
     wrong = build_model(MLPConfig(hidden=[8]), (1, 8, 8), 5)  # 5 classes vs the teacher's 10
     with pytest.raises(UserError, match=r"\(4, 5\).*\(4, 10\)|\(4, 10\).*\(4, 5\)"):
         Distiller(digits_teacher, wrong).loss(digits.train.x[:4], digits.train.y[:4] % 5)
+
+
+def test_a_half_precision_teacher_gives_float32_logits_close_to_fp32(digits, digits_teacher):
+    from distill.signals import LiveTeacher
+
+    x = digits.test.x[:64]
+    full = LiveTeacher(digits_teacher)(x)
+    for precision, tol in (("bf16", 0.1), ("fp16", 0.01)):
+        half = LiveTeacher(digits_teacher, precision)
+        logits = half(x)
+        assert logits.dtype == torch.float32 and logits.requires_grad is False
+        assert next(half.model.parameters()).dtype != torch.float32
+        assert next(digits_teacher.parameters()).dtype == torch.float32  # the caller's model is untouched
+        assert (logits - full).abs().max() < tol * full.abs().max()
+        assert (logits.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
+
+
+def test_methods_that_read_teacher_layers_refuse_a_half_teacher(digits, digits_teacher):
+    from distill.errors import UserError
+    from distill.methods import DISTILL_METHODS, build_method
+    from distill.signals import LiveTeacher
+    from distill.students import MLPConfig, build_model
+
+    student = build_model(MLPConfig(hidden=[16]), digits.input_shape, 10)
+    x, y = digits.train.x[:8], digits.train.y[:8]
+    for name in ("sobolev", "bss"):
+        method = build_method(DISTILL_METHODS[name].Config(method=name), LiveTeacher(digits_teacher, "bf16"))
+        with pytest.raises(UserError, match="set teacher.precision: fp32"):
+            method(student, x, y)

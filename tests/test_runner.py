@@ -53,8 +53,9 @@ def test_user_table_from_the_recipe_with_unlabelled_rows(tmp_path):
     assert json.loads((out / "results.json").read_text())["models"]["teacher"]["params"] > 0
 
 
-def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+def test_bf16_mixed_precision_with_a_bf16_teacher_runs_on_cpu(tmp_path):
     raw = tiny_recipe(tmp_path, mixed_precision="bf16", name="bf16")
+    raw["teacher"]["precision"] = "bf16"
     results, _ = run_recipe(validate_recipe(raw), progress=False)
     assert results["models"]["student"]["accuracy"] > 0.3
 

@@ -19,7 +19,9 @@ from distill.train import FitResult, fit
 
 
 class Distiller:
-    def __init__(self, teacher: nn.Module, student: nn.Module, method: str = "kd", **params):
+    def __init__(self, teacher: nn.Module, student: nn.Module, method: str = "kd", *, teacher_precision: str = "fp32", **params):
+        """params are the method's config fields (see `distill methods`); teacher_precision fp16/bf16 runs a half
+        copy of the teacher."""
         if method not in DISTILL_METHODS:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(DISTILL_METHODS)}")
         try:
@@ -29,7 +31,9 @@ class Distiller:
             raise UserError(f"{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.teacher = teacher
         self.student = student
-        self.method = build_method(config, LiveTeacher(teacher))
+        if teacher_precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"teacher_precision must be fp32, fp16 or bf16, got {teacher_precision!r}")
+        self.method = build_method(config, LiveTeacher(teacher, teacher_precision))
         self._ready = False  # set once the method has built its trainable parts (see setup)
 
     def setup(self, example) -> None:

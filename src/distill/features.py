@@ -87,12 +87,14 @@ def capture(model: nn.Module, names: Sequence[str], role: str = "model") -> Iter
         raise UserError(f"{role} layer(s) {', '.join(map(repr, missing))} did not run in the forward pass; choose layers its forward() uses")
 
 
-def teacher_model(teacher) -> nn.Module:
-    """The raw teacher network behind a live signal; feature methods cannot work from logits alone."""
+def teacher_model(teacher, need: str = "intermediate layers") -> nn.Module:
+    """The raw float32 teacher network behind a live signal; these methods cannot work from logits alone."""
     model = getattr(teacher, "model", None)
     if not isinstance(model, nn.Module):
-        raise UserError("this method reads the teacher's intermediate layers, so it needs a live teacher network "
-                        "(distill.signals.LiveTeacher), not only its logits")
+        raise UserError(f"this method reads the teacher's {need}, so it needs a live teacher network "
+                        "(distill.signals.LiveTeacher), not only its logits (e.g. from a cache)")
+    if getattr(teacher, "dtype", None) is not None:
+        raise UserError(f"this method reads the teacher's {need} in float32: set teacher.precision: fp32")
     return model
 
 

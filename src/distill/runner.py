@@ -221,13 +221,13 @@ class Experiment:
                 set_seed(r.seed + i)
                 model = build_model(a.model, self.data.input_shape, self.data.num_classes)
                 models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                    role, model, a, build_method(r.distill, LiveTeacher(teacher)), accelerator, resume, data=self.student_rows)
+                    role, model, a, build_method(r.distill, LiveTeacher(teacher, r.teacher.precision)), accelerator, resume, data=self.student_rows)
                 teacher = models[role].to(accelerator.device)
         for role in ("scratch", "student"):
             if role not in self.stages:
                 continue
             model = self._fresh_student()  # both start from the same initial weights: only the teacher differs
-            method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher))
+            method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher, r.teacher.precision))
             train = r.student.train if role == "scratch" else r.student.distill_train or r.student.train
             models[role], histories[role], seconds[role], epochs[role] = self._train_role(
                 role, model, r.student, method, accelerator, resume, train=train, data=self.student_rows)

@@ -35,6 +35,7 @@ import torch
 from pydantic import Field
 
 from distill.errors import UserError
+from distill.features import teacher_model
 from distill.losses.bss import boundary_samples
 from distill.losses.kd import kd_loss
 from distill.losses.kl import soft_target_kl
@@ -77,9 +78,7 @@ class BSS(Method):
     def boundary_batch(self, x, y, teacher_logits):
         """Pick samples and target classes, then run the boundary search; None when no sample qualifies."""
         c = self.config
-        model = getattr(self.teacher, "model", None)
-        if model is None:
-            raise UserError("bss needs a live teacher network (a signal with .model) to take input gradients")
+        model = teacher_model(self.teacher, "input gradients")
         num_classes = teacher_logits.shape[-1]
         if c.top_classes > num_classes:
             raise UserError(f"bss.top_classes ({c.top_classes}) must be <= the number of classes ({num_classes})")

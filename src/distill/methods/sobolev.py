@@ -24,9 +24,14 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from distill.errors import UserError
+from distill.features import teacher_model
 from distill.losses.kd import kd_loss
-from distill.losses.sobolev import directional_derivatives, random_unit_directions, sobolev_loss, sobolev_target
+from distill.losses.sobolev import (
+    directional_derivatives,
+    random_unit_directions,
+    sobolev_loss,
+    sobolev_target,
+)
 from distill.methods.base import Method, register
 from distill.methods.kd import KDConfig
 
@@ -47,10 +52,7 @@ class Sobolev(Method):
     Config = SobolevConfig
 
     def _teacher_network(self) -> nn.Module:
-        model = getattr(self.teacher, "model", None)
-        if not isinstance(model, nn.Module):
-            raise UserError("method sobolev needs the teacher network itself (a live teacher) to take its input derivatives")
-        return model.eval()  # a user's loop may have called .train() on everything
+        return teacher_model(self.teacher, "input derivatives").eval()  # a user's loop may have called .train() on everything
 
     def __call__(self, student, x, y):
         c = self.config
