@@ -12,6 +12,7 @@ USAGE_EXAMPLES = """examples:
   distill train recipes/mnist-hinton.yaml       # the teacher only
   distill distill recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors
   distill cache recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors --out caches/mnist-train
+  distill distill recipes/mnist-hinton.yaml teacher.cache=caches/mnist-train   # no teacher in memory
   distill eval runs/digits/student.safetensors
   distill methods
 """
@@ -76,6 +77,7 @@ def cmd_cache(args):
 
     from distill.runner import load_data, load_teacher
     from distill.signals.cache import write_cache, write_summary
+    from distill.transfer import split_rows
 
     recipe = _recipe(args)
     teacher_path = args.teacher or recipe.teacher.checkpoint
@@ -83,8 +85,13 @@ def cmd_cache(args):
         raise UserError("distill cache needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
     data = load_data(recipe)
     teacher = load_teacher(recipe, data, teacher_path)
+    if args.split == "transfer":  # the rows the distilled student learns from (see the recipe's transfer section)
+        t = recipe.transfer
+        rows = split_rows(data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)[1]
+    else:
+        rows = getattr(data, args.split)
     try:
-        manifest = write_cache(teacher, getattr(data, args.split), args.out, top_k=args.top_k, dtype=args.dtype,
+        manifest = write_cache(teacher, rows, args.out, top_k=args.top_k, dtype=args.dtype,
                                batch_size=args.batch_size, resume=not args.restart,
                                device="cuda" if torch.cuda.is_available() else "cpu")
     except KeyboardInterrupt:
@@ -139,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
     c.add_argument("--top-k", type=int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
     c.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="type of the stored logits")
-    c.add_argument("--split", choices=("train", "val", "test"), default="train")
+    c.add_argument("--split", choices=("transfer", "train", "val", "test"), default="transfer",
+                   help="rows to cache; transfer (default): the rows the students learn from, as teacher.cache needs")
     c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)

@@ -81,6 +81,8 @@ class EnsembleConfig(_Strict):
 class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
     ensemble: EnsembleConfig | None = Field(None, description="several trained teachers acting as one")
+    cache: str | None = Field(None, description="a folder written by `distill cache`: the first distilled stage learns "
+                                                 "from the stored teacher outputs instead of running the teacher")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="precision of the teacher's forward pass while distilling (fp16/bf16: a half copy, half "
                             "the memory; the losses stay in float32)")

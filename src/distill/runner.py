@@ -23,7 +23,7 @@ from distill.methods import build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
-from distill.signals import LiveTeacher, TeacherEnsemble
+from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
 from distill.transfer import BiasShifted, choose_bias, class_shift, errors_on_classes, split_rows
@@ -123,6 +123,33 @@ def check_same_teacher_rows(teacher_transfer: dict, recipe: Recipe, path: str) -
                         "so it may have seen the students' held-out rows: train the teacher with this recipe")
 
 
+TOPK_CACHE_METHODS = {"kd": lambda c: c.soft_loss in ("kl", "soft_ce"), "topk": lambda c: c.rest == "renormalize"}
+
+
+def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
+    """A cache stores logits of un-augmented rows: the method must need nothing else, and a top-k cache only
+    suits losses that are exact on a renormalised top-k distribution."""
+    x, y = rows.x[:2], rows.y[:2]
+    with torch.inference_mode():
+        outputs = student.eval()(x).shape[-1]
+    student.train()
+    if cache.num_classes != outputs:
+        raise UserError(f"teacher.cache holds {cache.num_classes} classes per row but the student predicts {outputs}: use a cache of a teacher for these classes")
+    method = recipe.distill
+    if cache.top_k is not None and not TOPK_CACHE_METHODS.get(method.method, lambda c: False)(method):
+        raise UserError(f"teacher.cache stores only the top {cache.top_k} logits, which distill.method={method.method} "
+                        "cannot use exactly: use method kd (soft_loss kl or soft_ce) or topk (rest: renormalize), or a full-logit cache")
+    first = recipe.assistants[0] if recipe.assistants else recipe.student
+    train = getattr(first, "distill_train", None) or first.train
+    if train.jitter:
+        raise UserError(f"train.jitter={train.jitter} with teacher.cache, whose outputs are of the un-jittered rows: "
+                        "set jitter 0 for the distilled stage or remove teacher.cache")
+    probe = build_method(method, CachedTeacher())  # methods that need the network refuse here, before any training
+    probe.teacher.feed(cache.logits(list(range(len(x)))), inputs=x)
+    probe.setup(student, x)
+    probe(student, x, y)
+
+
 class Experiment:
     """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
 
@@ -132,8 +159,12 @@ class Experiment:
         self.progress = progress
         self.teacher_checkpoint = teacher_checkpoint or recipe.teacher.checkpoint
         self.teacher_given = bool(self.teacher_checkpoint or recipe.teacher.ensemble)  # loaded, not trained here
-        if "teacher" not in self.stages and not self.teacher_given and {"student"} & set(self.stages):
+        cache = recipe.teacher.cache
+        if "teacher" not in self.stages and not self.teacher_given and not cache and {"student"} & set(self.stages):
             raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
+        if cache and "teacher" in self.stages and not self.teacher_given:
+            raise UserError("teacher.cache holds the outputs of an existing teacher, not of one trained in this run: "
+                            "use `distill distill RECIPE teacher.cache=DIR` (add --teacher PATH to report the teacher too)")
         # --- everything a user can get wrong, before anything is written ---
         self.data = load_data(recipe)
         t = recipe.transfer
@@ -144,7 +175,15 @@ class Experiment:
         set_seed(recipe.seed)
         self.teacher = self._build_teacher()
         self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
-        check_compatible(self.teacher, self.student_init, self.data)
+        self.cache = None
+        if cache:  # the teacher network is needed only to check the cache was written by it
+            try:
+                self.cache = open_cache(cache, teacher=self.teacher if self.teacher_given else None, dataset=self.student_rows)
+            except UserError as e:
+                raise UserError(f"teacher.cache: {e} (`distill cache` with this recipe caches the rows its students learn from)") from None
+            check_cache_fits(self.cache, recipe, self.student_rows, self.student_init)
+        if not (cache and not self.teacher_given):
+            check_compatible(self.teacher, self.student_init, self.data)
         for i, a in enumerate(recipe.assistants, 1):
             try:
                 check_compatible(self.teacher, build_model(a.model, self.data.input_shape, self.data.num_classes), self.data)
@@ -208,29 +247,34 @@ class Experiment:
         accelerator = make_accelerator(r.mixed_precision)
         models, histories, seconds, epochs = {}, {}, {}, {}
 
-        if self.teacher_given or "teacher" not in self.stages:
+        if self.teacher_given or ("teacher" not in self.stages and self.cache is None):
             models["teacher"] = self.teacher
-        else:
+        elif "teacher" in self.stages:
             models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
                 "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
-        teacher = models["teacher"].to(accelerator.device)
+        teacher = models["teacher"].to(accelerator.device) if "teacher" in models else None
+        first = True  # the first distilled stage learns from the cache when there is one
         if "student" in self.stages:
             # teacher-assistant chain: each assistant learns from the one before; the student from the last
             for i, a in enumerate(r.assistants, 1):
                 role = f"assistant{i}"
                 set_seed(r.seed + i)
                 model = build_model(a.model, self.data.input_shape, self.data.num_classes)
+                signal, rows = self._signal(teacher, first)
                 models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                    role, model, a, build_method(r.distill, LiveTeacher(teacher, r.teacher.precision)), accelerator, resume, data=self.student_rows)
-                teacher = models[role].to(accelerator.device)
+                    role, model, a, build_method(r.distill, signal), accelerator, resume, data=rows)
+                teacher, first = models[role].to(accelerator.device), False
         for role in ("scratch", "student"):
             if role not in self.stages:
                 continue
             model = self._fresh_student()  # both start from the same initial weights: only the teacher differs
-            method = Supervised(SupervisedConfig()) if role == "scratch" else build_method(r.distill, LiveTeacher(teacher, r.teacher.precision))
+            method, rows = Supervised(SupervisedConfig()), self.student_rows
+            if role == "student":
+                signal, rows = self._signal(teacher, first)
+                method = build_method(r.distill, signal)
             train = r.student.train if role == "scratch" else r.student.distill_train or r.student.train
             models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                role, model, r.student, method, accelerator, resume, train=train, data=self.student_rows)
+                role, model, r.student, method, accelerator, resume, train=train, data=rows)
         if r.transfer.omit_classes and r.transfer.bias_correction is not None and "student" in models:
             models["student+bias"] = self._bias_corrected(models["student"])
             seconds["student+bias"], epochs["student+bias"] = seconds["student"], epochs["student"]
@@ -257,6 +301,12 @@ class Experiment:
         atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
         write_report(self.partial, results, histories)
         return results
+
+    def _signal(self, teacher, first: bool):
+        """(teacher signal, training rows) of a distilled stage: the cache for the first one when there is one."""
+        if first and self.cache is not None:
+            return CachedTeacher(), CachedDataset(self.student_rows, self.cache)
+        return LiveTeacher(teacher, self.recipe.teacher.precision), self.student_rows
 
     def _bias_corrected(self, student: torch.nn.Module) -> BiasShifted:
         t, n = self.recipe.transfer, self.data.num_classes

@@ -32,6 +32,9 @@ class TeacherEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(weights) / sum(weights), persistent=False)
         self.combine = combine
 
+    def extra_repr(self) -> str:
+        return f"combine={self.combine}"  # part of the teacher's identity (e.g. in a cache's teacher hash)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [teacher(x) for teacher in self.teachers]
         shapes = {tuple(o.shape) for o in outputs}
