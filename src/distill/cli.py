@@ -38,7 +38,8 @@ def cmd_run(args, stages=("teacher", "scratch", "student"), teacher=None):
     from distill.runner import run_recipe, summary
 
     results, out = run_recipe(_recipe(args), stages=stages, teacher_checkpoint=teacher, resume=args.resume, progress=not args.quiet)
-    print(summary(results, out))
+    if results:  # empty on the non-main processes of a distributed run
+        print(summary(results, out))
 
 
 def cmd_train(args):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import ValidationError
 
@@ -191,6 +192,8 @@ class Experiment:
                 raise UserError(f"assistants[{i - 1}]: {e}") from None
         self.out = Path(recipe.output_dir) / recipe.name
         self.partial = self.out.with_name(self.out.name + ".partial")
+        # under `accelerate launch` every process trains; only the main one writes the run folder
+        self.main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
     def _check_same_recipe(self) -> None:
         """Resuming with another recipe would mix stages trained on different settings (even splits): refuse."""
@@ -215,6 +218,8 @@ class Experiment:
         return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
 
     def run(self, resume: bool = False) -> dict:
+        if not self.main:
+            return self._run(resume)
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
         if resume:
@@ -242,7 +247,8 @@ class Experiment:
 
     def _run(self, resume: bool) -> dict:
         r = self.recipe
-        atomic_write_text(self.partial / "recipe.yaml", recipe_to_yaml(r))
+        if self.main:
+            atomic_write_text(self.partial / "recipe.yaml", recipe_to_yaml(r))
         log.info("recipe %s on %s: %d train / %d val / %d test rows", r.name, self.data.name, len(self.data.train), len(self.data.val), len(self.data.test))
         accelerator = make_accelerator(r.mixed_precision)
         models, histories, seconds, epochs = {}, {}, {}, {}
@@ -279,6 +285,8 @@ class Experiment:
             models["student+bias"] = self._bias_corrected(models["student"])
             seconds["student+bias"], epochs["student+bias"] = seconds["student"], epochs["student"]
 
+        if not self.main:
+            return {}  # the main process evaluates, measures and writes
         results = {"recipe": r.name, "task": "classification", "dataset": self.data.name, "models": {}}
         example = self.data.test.x[0]
         for role, model in models.items():
@@ -335,8 +343,9 @@ class Experiment:
                      desc=role, progress=self.progress)
         log.info("%s: best epoch %d (val accuracy %.4f), %.1f s", role, result.best_epoch, result.best_val_accuracy, time.perf_counter() - t0)
         model = accelerator.unwrap_model(model)
-        save_model(weights, model, record)
-        atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
+        if self.main:
+            save_model(weights, model, record)
+            atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
         return model, result.history, result.train_seconds, len(result.history)
 
     def _publish(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from torch import nn
@@ -43,7 +43,12 @@ class FitResult:
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
-    """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True."""
+    """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True.
+
+    Under `accelerate launch` / torchrun this is data-parallel (DDP; FSDP or DeepSpeed from Accelerate's
+    config). batch_size is the GLOBAL batch: every process takes batch_size / num_processes rows of each batch
+    (split_batches), so a recipe trains the same way on any number of processes. A last, incomplete batch is
+    padded from the epoch's first rows (Accelerate's even_batches), the one difference from a single process."""
     if cpu is None:
         cpu = not torch.cuda.is_available()
     previous = AcceleratorState._shared_state.get("_mixed_precision")
@@ -51,7 +56,7 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Ac
         # Accelerate keeps one global state per process; a later experiment in the same (single) process
         # with another precision, e.g. from the Python API or tests, needs that state rebuilt.
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _pass_through(batch):
@@ -118,6 +123,9 @@ def fit(
         raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
                         "inputs: set train.jitter=0 or use the live teacher")
     accelerator = accelerator or make_accelerator()
+    if cfg.batch_size % accelerator.num_processes:
+        raise UserError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among the "
+                        f"{accelerator.num_processes} processes: use a multiple of {accelerator.num_processes}")
     if val_data is not None and len(val_data) == 0:
         val_data = None  # no validation rows (val_fraction: 0): keep the last epoch's weights
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
@@ -170,6 +178,8 @@ def fit(
             with accelerator.autocast():
                 loss, parts = method(prepared_model, x, y)
             accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                _average_gradients(method.parameters(), accelerator)
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
             prepared_opt.step()
@@ -217,6 +227,14 @@ def fit(
     if best_state is not None:
         raw_model.load_state_dict(best_state)
     return result
+
+
+def _average_gradients(params, accelerator: Accelerator) -> None:
+    """DDP averages the student's gradients across processes during backward; a method's own trainable parts
+    (hint regressors, peer students) are called outside the DDP wrapper, so average theirs here."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _is_cached(teacher) -> bool:
