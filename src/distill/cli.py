@@ -14,6 +14,7 @@ USAGE_EXAMPLES = """examples:
   distill cache recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors --out caches/mnist-train
   distill distill recipes/mnist-hinton.yaml teacher.cache=caches/mnist-train   # no teacher in memory
   distill eval runs/digits/student.safetensors
+  distill bench mnist-hinton --data-dir ../shared/data   # epoch time: plain PyTorch vs distill live / cached
   distill methods
 """
 
@@ -101,6 +102,14 @@ def cmd_cache(args):
     print(write_summary(manifest, args.out))
 
 
+def cmd_bench(args):
+    from distill.speed import bench, format_bench
+
+    result = bench(_recipe(args), teacher_path=args.teacher, epochs=args.epochs, rounds=args.rounds,
+                   threads=args.threads, top_k=args.top_k, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result, indent=1) if args.json else format_bench(result))
+
+
 def cmd_methods(args):
     from distill.methods import REGISTRY
 
@@ -152,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
+    b = sub.add_parser("bench", help="time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone",
+                       description="time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")
+    b.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (its data, teacher and student models, batch size)")
+    b.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+    b.add_argument("--teacher", help="teacher weights; default: an untrained teacher of the recipe's architecture (same speed)")
+    b.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round (one more runs untimed first)")
+    b.add_argument("--rounds", type=int, default=2, help="rounds of all variants, taking turns")
+    b.add_argument("--threads", type=int, help="torch threads per variant (default: torch's default)")
+    b.add_argument("--top-k", type=int, help="cache only the top k logits (default: full float32 logits)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(func=cmd_bench)
     m = sub.add_parser("methods", help="list distillation methods and their parameters")
     m.set_defaults(func=cmd_methods)
     return p

@@ -70,6 +70,9 @@ def hard_label_loss(
         target = torch.where(unlabelled, teacher_argmax, target)
         counts = torch.ones_like(counts)
 
+    if bool(counts.all()):  # the common case: no row to drop, so skip the (copying) boolean selection
+        per_row = torch.nn.functional.cross_entropy(_rows(student_logits), target, reduction="none")
+        return _reduce_rows(per_row, None, leading.numel(), leading, reduction)
     log_ps = torch.log_softmax(_rows(student_logits)[counts], dim=-1)
     per_row = -log_ps.gather(-1, target[counts].unsqueeze(-1)).squeeze(-1)
     return _reduce_rows(per_row, counts, leading.numel(), leading, reduction)

@@ -1,0 +1,177 @@
+"""`distill bench`: what a distillation epoch costs here against the plain-PyTorch limit.
+
+Four ways to train the same student on the same rows, same batch size, same models:
+  plain    a minimal hand-written KD loop (index the tensors, teacher under no_grad, KL + CE, step): the limit
+  live     distill's loop (Accelerate, the kd method) with the teacher run live
+  cached   distill's loop learning from a teacher-output cache (no teacher in memory)
+  student  distill's loop with no teacher at all (the floor for the cached run)
+Each runs in its own fresh process (spawned), so its peak memory (resident set size; on CUDA, peak allocated
+memory) is its own; epochs after the first are timed and the median is kept. Variants take turns round after
+round so that a slow phase of a shared machine hits them all alike. The ratios are the point: absolute times
+depend on the machine.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("plain", "live", "cached", "student")
+
+
+def _setup(recipe_raw: dict, teacher_path: str | None, threads: int):
+    from distill.recipe import validate_recipe
+    from distill.runner import load_data, load_teacher
+    from distill.students import build_model
+    from distill.transfer import split_rows
+
+    torch.set_num_threads(threads)
+    recipe = validate_recipe(recipe_raw)
+    data = load_data(recipe)
+    t = recipe.transfer
+    rows = split_rows(data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)[1]
+    torch.manual_seed(recipe.seed)
+    if teacher_path:
+        teacher = load_teacher(recipe, data, teacher_path)
+    else:  # speed does not depend on the weights: an untrained teacher of the recipe's architecture will do
+        teacher = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+    student = build_model(recipe.student.model, data.input_shape, data.num_classes)
+    return recipe, rows, teacher.eval(), student
+
+
+def plain_kd_epoch(teacher, student, optimizer, x, y, batch_size: int, temperature: float, generator) -> float:
+    """One epoch of the hand-written loop; returns its seconds. The same loss as the kd method's defaults:
+    0.1·CE(s, y) + 0.9·T²·KL(softmax(t/T) || softmax(s/T)), batchmean."""
+    t0 = time.perf_counter()
+    perm = torch.randperm(len(y), generator=generator)
+    for i in range(0, len(y), batch_size):
+        idx = perm[i : i + batch_size]
+        xb, yb = x[idx], y[idx]
+        with torch.no_grad():
+            t = teacher(xb)
+        s = student(xb)
+        soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                        reduction="batchmean", log_target=True) * temperature**2
+        loss = 0.1 * F.cross_entropy(s, yb) + 0.9 * soft
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e6
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
+
+
+def run_variant(variant: str, recipe_raw: dict, teacher_path: str | None, cache_dir: str | None,
+                epochs: int, threads: int) -> dict:
+    """Train `epochs` epochs one way in this process; {"epoch_seconds": [...], "peak_mb": x}."""
+    from distill.methods.kd import KD, KDConfig
+    from distill.methods.supervised import Supervised, SupervisedConfig
+    from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, open_cache
+    from distill.train import fit, make_accelerator, make_optimizer
+
+    recipe, rows, teacher, student = _setup(recipe_raw, teacher_path, threads)
+    cfg = recipe.student.train.model_copy(update={"epochs": epochs, "jitter": 0, "patience": None})
+    temperature = getattr(recipe.distill, "temperature", 4.0)
+    if variant == "plain":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        teacher, student = teacher.to(device), student.to(device)
+        x, y = rows.x.to(device), rows.y.to(device)
+        optimizer = make_optimizer(student.parameters(), cfg)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        seconds = [plain_kd_epoch(teacher, student, optimizer, x, y, cfg.batch_size, temperature, generator)
+                   for _ in range(epochs)]
+        return {"epoch_seconds": seconds, "peak_mb": _peak_memory_mb()}
+    kd = KDConfig(temperature=temperature, hard_weight=0.1, soft_weight=0.9)
+    data = rows
+    if variant == "live":
+        method = KD(kd, LiveTeacher(teacher))
+    elif variant == "cached":
+        del teacher  # no teacher in memory: that is the point of the cache
+        data = CachedDataset(rows, open_cache(cache_dir, dataset=rows))
+        method = KD(kd, CachedTeacher())
+    else:
+        del teacher
+        method = Supervised(SupervisedConfig())
+    result = fit(student, method, data, None, cfg, seed=recipe.seed, accelerator=make_accelerator(recipe.mixed_precision),
+                 progress=False)
+    return {"epoch_seconds": [row["seconds"] for row in result.history], "peak_mb": _peak_memory_mb()}
+
+
+def _child(queue, *args):
+    try:
+        queue.put(run_variant(*args))
+    except BaseException as e:  # report, do not hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _in_fresh_process(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        from distill.errors import UserError
+
+        raise UserError(f"bench variant {args[0]} failed: {out['error']}")
+    return out
+
+
+def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: int = 2, threads: int | None = None,
+          top_k: int | None = None, work_dir: str | None = None, progress=print) -> dict:
+    """Time every variant `rounds` times (fresh processes, `epochs` epochs each, the first epoch of each
+    process not timed); write the cache first (timed, with its I/O share). Returns all figures and ratios."""
+    from distill.signals import write_cache
+
+    threads = threads or torch.get_num_threads()
+    recipe_raw = recipe.model_dump(mode="json")
+    _, rows, teacher, _ = _setup(recipe_raw, teacher_path, threads)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        cache_dir = str(Path(tmp) / "cache")
+        manifest = write_cache(teacher, rows, cache_dir, top_k=top_k, dtype="float32" if top_k is None else "float16")
+        stats = manifest["stats"]
+        progress(f"cache: {len(rows)} rows, {stats['bytes'] / 1e6:.1f} MB in {stats['total_seconds']:.1f} s "
+                 f"({stats['io_seconds'] / stats['total_seconds']:.0%} I/O)")
+        times = {v: [] for v in VARIANTS}
+        peaks = {v: [] for v in VARIANTS}
+        for r in range(rounds):
+            for v in VARIANTS:
+                out = _in_fresh_process(v, recipe_raw, teacher_path, cache_dir, epochs + 1, threads)
+                times[v] += out["epoch_seconds"][1:]  # the first epoch warms up allocators and caches
+                peaks[v].append(out["peak_mb"])
+                progress(f"round {r + 1}/{rounds} {v:8s} epoch {statistics.median(out['epoch_seconds'][1:]):.3f} s, peak {out['peak_mb']:.0f} MB")
+    epoch = {v: statistics.median(times[v]) for v in VARIANTS}
+    return {
+        "rows": len(rows), "batch_size": recipe.student.train.batch_size, "threads": threads, "epochs_timed": len(times["plain"]),
+        "epoch_seconds": epoch, "all_epoch_seconds": times, "peak_mb": {v: max(peaks[v]) for v in VARIANTS},
+        "cache": {"bytes": stats["bytes"], "seconds": stats["total_seconds"], "io_fraction": stats["io_seconds"] / stats["total_seconds"],
+                  "teacher_fraction": stats["teacher_seconds"] / stats["total_seconds"], "top_k": top_k},
+        "ratios": {"live / plain": epoch["live"] / epoch["plain"], "cached / student": epoch["cached"] / epoch["student"],
+                   "cached / live": epoch["cached"] / epoch["live"]},
+    }
+
+
+def format_bench(result: dict) -> str:
+    e, m, r = result["epoch_seconds"], result["peak_mb"], result["ratios"]
+    lines = [f"{result['rows']} rows, batch {result['batch_size']}, {result['threads']} threads, "
+             f"median of {result['epochs_timed']} timed epochs per variant",
+             "", f"{'variant':10s} {'epoch s':>9s} {'peak MB':>9s}"]
+    lines += [f"{v:10s} {e[v]:9.3f} {m[v]:9.0f}" for v in VARIANTS]
+    lines += ["", *(f"{k:18s} {v:.3f}" for k, v in r.items()),
+              f"cache: {result['cache']['bytes'] / 1e6:.1f} MB written in {result['cache']['seconds']:.1f} s, "
+              f"{result['cache']['teacher_fraction']:.0%} teacher forward, {result['cache']['io_fraction']:.0%} I/O"]
+    return "\n".join(lines)
