@@ -197,3 +197,10 @@ def test_an_ensemble_of_trained_teachers_from_the_recipe(tmp_path, capsys):
     assert "one weight" in capsys.readouterr().err
     assert main(["run", recipe, "--quiet", f"teacher.checkpoint={a}", ensemble]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_methods_also_lists_who_teaches_and_on_which_rows(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for key in ("teacher.ensemble", "teacher.specialists", "assistants", "transfer.omit_classes", "teacher.cache"):
+        assert f"  {key} " in out

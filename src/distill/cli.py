@@ -110,6 +110,18 @@ def cmd_bench(args):
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
 
 
+RECIPE_TECHNIQUES = (
+    ("teacher.ensemble", "many teachers as one: weighted average of their probabilities or logits"),
+    ("teacher.specialists", "a generalist plus specialists on confusable classes with a dustbin class (Hinton et al. 2015 §5)"),
+    ("assistants", "teacher-assistant chain: each assistant distilled from the one before (Mirzadeh et al. 2020)"),
+    ("transfer.rows", "the teacher's own rows, or rows held out from it (heldout_fraction)"),
+    ("transfer.omit_classes", "leave classes out of the transfer set; bias_correction raises their logits (Hinton's omitted 3)"),
+    ("data.unlabelled_fraction", "unlabelled transfer rows with the teacher's argmax as pseudo-label"),
+    ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits): no teacher in memory"),
+    ("teacher.precision", "the teacher's forward pass in fp16/bf16"),
+)
+
+
 def cmd_methods(args):
     from distill.methods import REGISTRY
 
@@ -121,6 +133,9 @@ def cmd_methods(args):
             doc = f"  {info.description}" if info.description else ""
             default = "(required)" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
             print(f"{'':12s}   {field} {default}{doc}")
+    print("\nWho teaches, and on which rows (recipe sections that work with any method above):")
+    for key, text in RECIPE_TECHNIQUES:
+        print(f"  {key:25s} {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,9 +78,23 @@ class EnsembleConfig(_Strict):
         return self
 
 
+class SpecialistsConfig(_Strict):
+    """Hinton et al. 2015 §5: specialists on classes the generalist (the teacher) confuses, each with a dustbin
+    class for all others, built like the teacher and started from its weights; combined with it into one target."""
+
+    class_sets: list[list[int]] | None = Field(None, description="disjoint class lists, one per specialist (default: "
+                                                                 "found by clustering the teacher's predictions)")
+    count: int = Field(3, ge=2, description="clusters asked for when class_sets is not given (singletons are dropped)")
+    temperature: float = Field(4.0, gt=0, description="softening of the teacher's predictions before clustering their covariance")
+    top_n: int = Field(1, ge=1, description="a specialist is active on a row when one of its classes is among the teacher's top_n")
+    special_share: float = Field(0.5, gt=0, lt=1, description="share of a specialist's training rows drawn from its own classes")
+    train: TrainConfig | None = Field(None, description="specialists' training (default: the teacher's)")
+
+
 class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
     ensemble: EnsembleConfig | None = Field(None, description="several trained teachers acting as one")
+    specialists: SpecialistsConfig | None = Field(None, description="generalist + specialists (Hinton et al. 2015 §5)")
     cache: str | None = Field(None, description="a folder written by `distill cache`: the first distilled stage learns "
                                                  "from the stored teacher outputs instead of running the teacher")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
@@ -91,6 +105,8 @@ class TeacherRole(ModelRole):
     def _checkpoint_or_ensemble(self):
         if self.checkpoint and self.ensemble:
             raise ValueError("set teacher.checkpoint or teacher.ensemble, not both")
+        if self.specialists and (self.ensemble or self.cache):
+            raise ValueError("teacher.specialists needs one generalist network: not with teacher.ensemble or teacher.cache")
         return self
 
 

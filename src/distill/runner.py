@@ -5,6 +5,7 @@ Everything a user can get wrong is checked before anything is written. The run i
 is never half-written; `resume=True` continues a killed run from its `.partial` folder.
 """
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
+from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialists
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
 from distill.transfer import BiasShifted, choose_bias, class_shift, errors_on_classes, split_rows
@@ -174,6 +176,12 @@ class Experiment:
             raise UserError(f"transfer.omit_classes: class {bad[0]} is out of range for {self.data.name}, whose classes are 0..{self.data.num_classes - 1}")
         self.teacher_rows, self.student_rows = split_rows(self.data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)
         set_seed(recipe.seed)
+        spec = recipe.teacher.specialists
+        if spec and spec.class_sets:
+            try:
+                check_class_sets(spec.class_sets, self.data.num_classes)
+            except UserError as e:
+                raise UserError(f"teacher.specialists.class_sets: {e}") from None
         self.teacher = self._build_teacher()
         self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
         self.cache = None
@@ -259,6 +267,9 @@ class Experiment:
             models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
                 "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
         teacher = models["teacher"].to(accelerator.device) if "teacher" in models else None
+        if r.teacher.specialists and {"student"} & set(self.stages):
+            teacher = models["teacher+specialists"] = self._with_specialists(teacher, accelerator)
+            seconds["teacher+specialists"] = None
         first = True  # the first distilled stage learns from the cache when there is one
         if "student" in self.stages:
             # teacher-assistant chain: each assistant learns from the one before; the student from the last
@@ -302,6 +313,8 @@ class Experiment:
                 results["models"][role]["omitted_class_errors"] = errors_on_classes(model, self.data.test, r.transfer.omit_classes)
             if isinstance(model, BiasShifted):
                 results["models"][role]["bias_correction"] = float(model.shift.max())
+        if isinstance(models.get("teacher+specialists"), GeneralistWithSpecialists):
+            results["specialists"] = {"class_sets": models["teacher+specialists"].class_sets}
         results["transfer"] = {"rows": r.transfer.rows, "teacher_rows": len(self.teacher_rows), "student_rows": len(self.student_rows),
                                "omit_classes": r.transfer.omit_classes}
         results["config"] = r.model_dump(mode="json")
@@ -309,6 +322,29 @@ class Experiment:
         atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
         write_report(self.partial, results, histories)
         return results
+
+    def _with_specialists(self, generalist, accelerator) -> GeneralistWithSpecialists:
+        """Hinton et al. 2015 §5: class sets from the generalist's confusions, one specialist per set."""
+        spec, r = self.recipe.teacher.specialists, self.recipe
+        sets = spec.class_sets
+        if not sets:
+            with torch.inference_mode():
+                logits = torch.cat([generalist.eval()(x.to(accelerator.device)).cpu()
+                                    for x in self.teacher_rows.x.split(1024)])
+            sets = find_class_sets(torch.softmax(logits / spec.temperature, -1), spec.count, seed=r.seed)
+        log.info("specialists on class sets %s", sets)
+        build = lambda n: build_model(self._teacher_model_config(), self.data.input_shape, n)  # noqa: E731
+        rows = dataclasses.replace(self.data, train=self.teacher_rows)
+        specialists = train_specialists(generalist, rows, sets, build, spec.train or r.teacher.train, seed=r.seed,
+                                        accelerator=accelerator, progress=self.progress, special_share=spec.special_share)
+        return GeneralistWithSpecialists(generalist, specialists, sets, spec.top_n)
+
+    def _teacher_model_config(self):
+        if self.teacher_checkpoint:
+            record = load_model_file(self.teacher_checkpoint)[1]
+            if "model" in record:
+                return model_config_adapter.validate_python(record["model"])
+        return self.recipe.teacher.model
 
     def _signal(self, teacher, first: bool):
         """(teacher signal, training rows) of a distilled stage: the cache for the first one when there is one."""

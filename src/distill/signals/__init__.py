@@ -4,5 +4,7 @@ or a generalist with specialists."""
 from distill.signals.cache import CachedDataset, CachedTeacher, open_cache, write_cache
 from distill.signals.ensemble import TeacherEnsemble
 from distill.signals.live import LiveTeacher
+from distill.signals.specialists import GeneralistWithSpecialists, find_class_sets, train_specialists
 
-__all__ = ["CachedDataset", "CachedTeacher", "LiveTeacher", "TeacherEnsemble", "open_cache", "write_cache"]
+__all__ = ["CachedDataset", "CachedTeacher", "GeneralistWithSpecialists", "LiveTeacher", "TeacherEnsemble",
+           "find_class_sets", "open_cache", "train_specialists", "write_cache"]
