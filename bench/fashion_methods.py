@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import statistics
+import time
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from distill.data.arrays import ArrayDataset
 from distill.errors import UserError
 from distill.methods import REGISTRY, Method, MethodConfig, build_method
 from distill.recipe import TrainConfig
-from distill.signals import LiveTeacher, TeacherEnsemble
+from distill.signals import GeneralistWithSpecialists, LiveTeacher, TeacherEnsemble, find_class_sets, train_specialists
 from distill.students import CNNConfig, MLPConfig, build_model
 from distill.tasks.classification import evaluate
 from distill.train import fit
@@ -79,6 +80,53 @@ def single_teacher(bench: "Bench") -> nn.Module:
 def ensemble_teacher(bench: "Bench") -> nn.Module:
     """The teacher and two more trained with seeds 1 and 2, their probabilities averaged."""
     return TeacherEnsemble([bench.teacher(s) for s in ENSEMBLE_SEEDS], combine="probs")
+
+
+def assistant_teacher(bench: "Bench") -> nn.Module:
+    """Teacher-assistant chain (Mirzadeh et al. 2020): the CNN student's architecture, distilled from the teacher
+    (KD, T as the other rows, the teacher's epochs), teaches the MLP student."""
+    kd = build_method(config("kd", temperature=T), LiveTeacher(bench.teacher(0)))
+    return bench.trained("assistant", STUDENTS["cnn"], kd, bench.teacher_train, seed=0, taught_by="teacher")
+
+
+SPECIALISTS = {"count": 3, "temperature": 4.0, "epochs": 5}
+
+
+def specialists_teacher(bench: "Bench") -> nn.Module:
+    """Hinton et al. 2015 §5: class sets from clustering the teacher's softened predictions on the training rows,
+    one specialist per set (the teacher's architecture + a dustbin output, from its weights, 5 epochs on rows
+    half from its classes), combined with the teacher per row. Trained once and stored in the work dir."""
+    generalist = bench.teacher(0)
+    name = "specialists"
+    bench.asked.append(name)
+    if name in bench.models:
+        return bench.models[name]
+    with torch.inference_mode():
+        logits = torch.cat([generalist(x) for x in bench.data.train.x.split(2048)])
+    sets = find_class_sets(torch.softmax(logits / SPECIALISTS["temperature"], -1), SPECIALISTS["count"], seed=0)
+    train = bench.teacher_train.model_copy(update={"epochs": SPECIALISTS["epochs"]})
+    settings = as_json({"class_sets": sets, **SPECIALISTS, "train": train.model_dump(), "generalist": "teacher",
+                        "limit_train": bench.args.limit_train})
+    build = lambda n: build_model(TEACHER, bench.data.input_shape, n)  # noqa: E731
+    path = bench.work / f"{name}.safetensors"
+    specialists = nn.ModuleList([build(len(c) + 1) for c in sets])
+    if path.exists():
+        state, stored = load_model_file(path)
+        if stored.get("settings") != settings:
+            raise UserError(f"{path} was trained with other settings; delete it or pass another --work-dir")
+        load_weights(specialists, state, str(path))
+        info = stored
+    else:
+        print(f"training specialists on {sets} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        specialists = nn.ModuleList(train_specialists(generalist, bench.data, sets, build, train, seed=0))
+        info = {"settings": settings, "train_seconds": time.perf_counter() - t0, "epochs": train.epochs}
+        save_model(path, specialists, info)
+    combined = GeneralistWithSpecialists(generalist, list(specialists.eval()), sets).eval()
+    info = {**info, "test": evaluate(combined, bench.data.test)}
+    print(f"{name} {sets}: test accuracy {100 * info['test']['accuracy']:.2f}%", file=sys.stderr, flush=True)
+    bench.models[name], bench.model_info[name] = combined, info
+    return combined
 
 
 @dataclass(frozen=True)
@@ -116,6 +164,10 @@ METHODS: dict[str, Entry] = {
                  note="half the batch pushed to the teacher's boundary in 3 steps of 0.05 (paper: 10)"),
     "ensemble": Entry(config("kd", temperature=T), teacher=ensemble_teacher,
                       note="KD from 3 teachers (seeds 0, 1, 2), probabilities averaged"),
+    "assistant": Entry(config("kd", temperature=T), teacher=assistant_teacher,
+                       note="teacher -> CNN assistant (KD) -> MLP student (KD)"),
+    "specialists": Entry(config("kd", temperature=T), teacher=specialists_teacher,
+                         note="KD from the teacher + 3 specialists (class sets from its confusions), combined per row"),
     "scratch-cnn": Entry(config("supervised"), teacher=None, **CNN_ROWS, note="CNN student alone"),
     "kd-cnn": Entry(config("kd", temperature=T), **CNN_ROWS, note="KD, CNN student"),
     "attention": Entry(config("attention", temperature=T, student_layers=["features.3", "features.7"],
