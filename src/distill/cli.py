@@ -143,10 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def recipe_command(name, func, help_text):
+    def recipe_parser(name, help_text):
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (default: the built-in digits recipe) and overrides")
         s.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+        return s
+
+    def recipe_command(name, func, help_text):
+        s = recipe_parser(name, help_text)
         s.add_argument("--resume", action="store_true", help="continue a killed run from runs/<name>.partial")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.set_defaults(func=func)
@@ -163,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("cache", help="run a teacher once over a split and store its outputs for later students",
-                       description="run a teacher once over a split and store its outputs for later students")
-    c.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (default: the built-in digits recipe) and overrides")
-    c.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+    c = recipe_parser("cache", "run a teacher once over a split and store its outputs for later students")
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
     c.add_argument("--top-k", type=int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
@@ -176,10 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
-    b = sub.add_parser("bench", help="time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone",
-                       description="time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")
-    b.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (its data, teacher and student models, batch size)")
-    b.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+    b = recipe_parser("bench", "time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")
     b.add_argument("--teacher", help="teacher weights; default: an untrained teacher of the recipe's architecture (same speed)")
     b.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round (one more runs untimed first)")
     b.add_argument("--rounds", type=int, default=2, help="rounds of all variants, taking turns")
