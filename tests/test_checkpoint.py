@@ -10,16 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import distill.checkpoint as ck
-from distill.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_text,
-    has_training_state,
-    load_model_file,
-    load_training_state,
-    load_weights,
-    save_model,
-    save_training_state,
-)
+from distill.checkpoint import atomic_write_bytes, atomic_write_text, load_model_file, load_weights, save_model
+from distill.training_state import has_training_state, load_training_state, save_training_state
 from distill.errors import UserError
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_recipe, train_student
+from conftest import tiny_recipe
 from distill.data import ArrayDataset
 from distill.errors import UserError
 from distill.methods.kd import KD, KDConfig

@@ -20,13 +20,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from distill.checkpoint import (
-    atomic_write_bytes,
-    has_training_state,
-    load_model_file,
-    load_training_state,
-    save_training_state,
-)
+from distill.checkpoint import atomic_write_bytes, load_model_file
+from distill.training_state import has_training_state, load_training_state, save_training_state
 from distill.errors import UserError
 from distill.methods.base import Method
 from distill.tasks.classification import evaluate, random_shift

@@ -1,0 +1,381 @@
+"""Resumable training state (model, optimizer, scheduler, RNG, step), without pickle.
+
+A training-state folder is replaced as a whole, so a kill at any moment leaves either the previous or the
+new complete checkpoint on disk. Layout::
+
+    model.safetensors      model.state_dict()
+    optimizer.safetensors  tensors of the optimizer ('state.<param_id>.<name>', 'param_groups.<i>.<name>'),
+                           of the scheduler ('scheduler.<...>') and of ``extra`` ('extra.<...>')
+    rng.safetensors        torch CPU RNG state ('torch'), CUDA RNG states ('cuda.<i>')
+    state.json             everything else, in a typed JSON encoding (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.checkpoint import _fsync_dir, _read_safetensors, _write_safetensors, atomic_write_text, load_weights
+from distill.errors import UserError
+
+__all__ = ["save_training_state", "load_training_state", "has_training_state"]
+
+STATE_FORMAT = "distill-training-state"
+STATE_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+_STATE_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+
+
+# ----------------------------------------------------------------------------- typed JSON encoding
+#
+# Every JSON object in the encoding is a tag: {"__dict__": [[key, value], ...]} (keeps int keys and order),
+# {"__tuple__": [...]}, {"__tensor__": "<name in a safetensors file>"}. Lists, str, int, float (also
+# nan/inf), bool and None are themselves. So decoding gives back exactly the types that were saved.
+
+
+def _encode(obj: Any, tensors: dict[str, Tensor], key: str, where: str) -> Any:
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    for base in (bool, int, float, str):  # subclasses such as numpy.float64 or IntEnum: store the plain value
+        if isinstance(obj, base):
+            return base(obj)
+    if isinstance(obj, Tensor):
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}.{i}", where) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}.{i}", where) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        pairs = []
+        for k, v in obj.items():
+            if isinstance(k, Tensor):
+                raise TypeError(f"{where}: {key!r} has a tensor as a dict key, which cannot be stored")
+            pairs.append([_encode(k, tensors, f"{key}.<key>", where), _encode(v, tensors, f"{key}.{k}", where)])
+        return {"__dict__": pairs}
+    raise TypeError(f"{where}: {key!r} is a {type(obj).__name__}, which cannot be stored as JSON")
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict) and len(obj) == 1:
+        (tag, val), = obj.items()
+        if tag == "__tensor__" and isinstance(val, str):
+            if val not in tensors:
+                raise _Corrupt(f"tensor {val!r} is missing")
+            return tensors[val]
+        if tag == "__tuple__" and isinstance(val, list):
+            return tuple(_decode(v, tensors) for v in val)
+        if tag == "__dict__" and isinstance(val, list):
+            out = {}
+            for pair in val:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise _Corrupt("a dict entry is malformed")
+                k = _decode(pair[0], tensors)
+                try:
+                    out[k] = _decode(pair[1], tensors)
+                except TypeError:  # unhashable key
+                    raise _Corrupt("a dict key is malformed") from None
+            return out
+    raise _Corrupt("an entry has an unknown form")
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def _rng_state(rng_tensors: dict[str, Tensor]) -> dict:
+    np_state = np.random.get_state()
+    rng_tensors["torch"] = torch.get_rng_state()
+    n_cuda = 0
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng_tensors[f"cuda.{i}"] = s
+            n_cuda += 1
+    return {
+        "python": _encode(random.getstate(), {}, "python", "random.getstate()"),
+        "numpy": [str(np_state[0]), np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "cuda_devices": n_cuda,
+    }
+
+
+def _restore_rng(rng: dict, rng_tensors: dict[str, Tensor]) -> None:
+    random.setstate(_decode(rng["python"], {}))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(rng_tensors["torch"].to(torch.uint8))
+    if torch.cuda.is_available():
+        for i in range(min(int(rng.get("cuda_devices", 0)), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(rng_tensors[f"cuda.{i}"].to(torch.uint8), device=i)
+
+
+def _sibling_re(directory: Path) -> re.Pattern:
+    return re.compile(re.escape(directory.name) + r"\.(tmp|old)-(\d+)$")
+
+
+def _siblings(directory: Path) -> list[tuple[Path, int]]:
+    """Leftovers of interrupted saves: ``<directory>.tmp-<pid>`` and ``<directory>.old-<pid>``."""
+    parent = directory.parent
+    if not parent.is_dir():
+        return []
+    pat = _sibling_re(directory)
+    out = []
+    for p in parent.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_dir():
+            out.append((p, int(m.group(2))))
+    return out
+
+
+def _read_state_json(folder: Path) -> dict:
+    """state.json of a complete checkpoint folder; raises _Corrupt otherwise."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise _Corrupt(f"{STATE_FILE} is missing")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+        raise _Corrupt(f"{STATE_FILE} is not valid JSON") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise _Corrupt(f"{STATE_FILE} is not a distill training state")
+    if state.get("version") != STATE_VERSION:
+        raise _Corrupt(f"{STATE_FILE} has unsupported version {state.get('version')!r}")
+    for name in state.get("files", []):
+        if not (folder / name).is_file():
+            raise _Corrupt(f"{name} is missing")
+    return state
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        _read_state_json(folder)
+        return True
+    except _Corrupt:
+        return False
+
+
+def _resolve(directory: Path) -> Path | None:
+    """The folder holding the newest complete checkpoint for ``directory``.
+
+    Normally ``directory`` itself. If a save was killed between moving the old folder away and moving the
+    new one in, ``directory`` is missing and the checkpoint is in a ``.old-<pid>``/``.tmp-<pid>`` sibling
+    (each complete: a temp folder gets state.json only after everything else is written)."""
+    if directory.exists():
+        return directory if _is_complete(directory) else None
+    best, best_time = None, None
+    for p, _ in _siblings(directory):
+        try:
+            saved_at = _read_state_json(p).get("saved_at", 0)
+        except _Corrupt:
+            continue
+        if best is None or saved_at > best_time:
+            best, best_time = p, saved_at
+    return best
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers are stale: we are not saving right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _looks_like_checkpoint(folder: Path) -> bool:
+    """Only replace folders we wrote: empty, or containing nothing but our files."""
+    return all(p.name in _STATE_FILES or p.name.startswith(".") and p.name.endswith(".tmp") for p in folder.iterdir())
+
+
+def has_training_state(directory) -> bool:
+    """True if ``directory`` (or the leftover of a save interrupted while swapping folders) is a complete checkpoint."""
+    return _resolve(Path(directory)) is not None
+
+
+def save_training_state(
+    directory, *, model, optimizer, scheduler=None, step: int, epoch: int, extra: dict | None = None
+) -> None:
+    """Write a resumable checkpoint to ``directory``, replacing any previous one atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a checkpoint folder; choose another output folder")
+    if directory.is_dir() and not _looks_like_checkpoint(directory):
+        raise UserError(
+            f"{directory} exists and holds files that are not a distill checkpoint; "
+            "choose another output folder or empty this one"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+
+    # Build everything in memory first, so non-JSON-able state fails before anything is touched.
+    opt_tensors: dict[str, Tensor] = {}
+    opt_sd = optimizer.state_dict()
+    opt_state = {
+        "param_groups": _encode(opt_sd["param_groups"], opt_tensors, "param_groups", "optimizer.state_dict()"),
+        "state": {
+            "__dict__": [
+                [pid, _encode(values, opt_tensors, f"state.{pid}", "optimizer.state_dict()")]
+                for pid, values in opt_sd["state"].items()
+            ]
+        },
+    }
+    # Any other keys some optimizers add next to 'state'/'param_groups'.
+    others = {k: v for k, v in opt_sd.items() if k not in ("state", "param_groups")}
+    if others:
+        opt_state["other"] = _encode(others, opt_tensors, "other", "optimizer.state_dict()")
+    sched_state = None
+    if scheduler is not None:
+        sched_state = _encode(scheduler.state_dict(), opt_tensors, "scheduler", "scheduler.state_dict()")
+    extra_enc = _encode(dict(extra or {}), opt_tensors, "extra", "extra")
+    rng_tensors: dict[str, Tensor] = {}
+    rng = _rng_state(rng_tensors)
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "step": int(step),
+        "epoch": int(epoch),
+        "saved_at": time.time_ns(),
+        "files": [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE],
+        "optimizer": opt_state,
+        "scheduler": sched_state,
+        "extra": extra_enc,
+        "rng": rng,
+    }
+    state_text = json.dumps(state)
+
+    # If an earlier save died mid-swap, first put its newest complete checkpoint back in place.
+    if not directory.exists():
+        found = _resolve(directory)
+        if found is not None:
+            os.replace(found, directory)
+            _fsync_dir(directory.parent)
+
+    pid = os.getpid()
+    tmp = directory.with_name(f"{directory.name}.tmp-{pid}")
+    old = directory.with_name(f"{directory.name}.old-{pid}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_safetensors(tmp / MODEL_FILE, model.state_dict(), {"format": "pt"}, "model.state_dict()")
+        _write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, None, "optimizer state")
+        _write_safetensors(tmp / RNG_FILE, rng_tensors, None, "RNG state")
+        atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks the folder complete
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    # Swap: old away, new in, old deleted. At every instant a complete checkpoint exists on disk.
+    had_old = directory.exists()
+    if had_old:
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        if had_old and not directory.exists():
+            try:
+                os.replace(old, directory)  # roll back; if this fails too, loading recovers from the siblings
+            except OSError:
+                pass
+        raise
+    _fsync_dir(directory.parent)
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
+    for p, other_pid in _siblings(directory):
+        if not _pid_alive(other_pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_training_state(directory, *, model, optimizer, scheduler=None, restore_rng: bool = True) -> dict:
+    """Inverse of :func:`save_training_state`; returns {"step", "epoch", "extra"}."""
+    directory = Path(directory)
+    folder = _resolve(directory)
+    if folder is None:
+        if not directory.exists():
+            raise UserError(f"{directory} does not exist; give the folder a previous run saved its checkpoint in")
+        if not directory.is_dir():
+            raise UserError(f"{directory} is not a folder; give the checkpoint folder a previous run saved")
+        try:
+            _read_state_json(directory)
+        except _Corrupt as e:
+            raise UserError(
+                f"{directory} is not a complete training checkpoint ({e}); resume from another checkpoint or start afresh"
+            ) from None
+    state = _read_state_json(folder)
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{folder} holds a corrupt training checkpoint ({why}); resume from another checkpoint or start afresh")
+
+    model_sd, _ = _read_safetensors(folder / MODEL_FILE)
+    opt_tensors, _ = _read_safetensors(folder / OPTIMIZER_FILE)
+    rng_tensors, _ = _read_safetensors(folder / RNG_FILE)
+    try:
+        opt = state["optimizer"]
+        opt_sd = {
+            "state": _decode(opt["state"], opt_tensors),
+            "param_groups": _decode(opt["param_groups"], opt_tensors),
+        }
+        if "other" in opt:
+            opt_sd.update(_decode(opt["other"], opt_tensors))
+        sched_sd = _decode(state.get("scheduler"), opt_tensors)
+        extra = _decode(state.get("extra"), opt_tensors)
+        step, epoch, rng = state["step"], state["epoch"], state["rng"]
+    except (_Corrupt, KeyError, TypeError, ValueError) as e:
+        raise bad(str(e) or type(e).__name__) from None
+    if not isinstance(opt_sd["state"], dict) or not isinstance(opt_sd["param_groups"], list):
+        raise bad("optimizer state has the wrong form")
+    if not all(isinstance(k, int) for k in opt_sd["state"]):
+        raise bad("optimizer state keys are not parameter ids")
+
+    load_weights(model, model_sd, str(folder / MODEL_FILE))
+    try:
+        optimizer.load_state_dict(opt_sd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"{folder}: the saved optimizer state does not match the optimizer in the recipe ({msg}); "
+            "resume with the same training settings or start afresh"
+        ) from None
+    if scheduler is not None:
+        if sched_sd is None:
+            raise UserError(
+                f"{folder} has no learning-rate scheduler state but the run uses a scheduler; "
+                "resume with the same training settings or start afresh"
+            )
+        try:
+            scheduler.load_state_dict(sched_sd)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(
+                f"{folder}: the saved scheduler state does not match the scheduler in the recipe ({e}); "
+                "resume with the same training settings or start afresh"
+            ) from None
+    if restore_rng:
+        try:
+            _restore_rng(rng, rng_tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise bad(f"RNG state: {e}") from None
+    return {"step": step, "epoch": epoch, "extra": extra if extra is not None else {}}
