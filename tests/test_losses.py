@@ -436,3 +436,13 @@ def test_prop_t2_scaling_keeps_grad_magnitude(pair):
     unscaled = _grad_norm(s, t, 10.0, False) / _grad_norm(s, t, 20.0, False)
     assert 0.5 <= scaled <= 2.0
     assert 3.0 <= unscaled <= 5.5
+
+
+def test_soft_target_kl_has_finite_gradients_for_a_teacher_with_an_underflowing_class():
+    """A teacher that requires grad (e.g. mutual learning) with a probability that underflows to 0."""
+    from distill.losses import soft_target_kl
+
+    teacher = torch.tensor([[0.0, 1.0, -200.0]], requires_grad=True)
+    student = torch.tensor([[0.5, 0.2, -1.0]], requires_grad=True)
+    soft_target_kl(student, teacher, 1.0).backward()
+    assert torch.isfinite(teacher.grad).all() and torch.isfinite(student.grad).all()

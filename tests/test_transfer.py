@@ -99,6 +99,12 @@ def test_runner_reports_the_omitted_class_and_the_corrected_student(tmp_path):
 def test_bad_transfer_settings_are_one_line(tmp_path):
     with pytest.raises(UserError, match="transfer.omit_classes: class 10 is out of range"):
         run_recipe(validate_recipe(tiny_recipe(tmp_path, transfer={"omit_classes": [10]})), progress=False)
+    with pytest.raises(UserError, match="set one of the two to 0"):
+        run_recipe(validate_recipe(tiny_recipe(tmp_path, data={"dataset": "digits", "unlabelled_fraction": 0.3},
+                                               transfer={"omit_classes": [3]})), progress=False)
+    with pytest.raises(UserError, match="data.val_fraction > 0"):  # auto bias needs validation rows: refused up front
+        run_recipe(validate_recipe(tiny_recipe(tmp_path, data={"dataset": "digits", "val_fraction": 0.0},
+                                               transfer={"omit_classes": [3]})), progress=False)
     with pytest.raises(UserError, match="omit_classes must be distinct"):
         validate_recipe(tiny_recipe(tmp_path, transfer={"omit_classes": [3, 3]}))
     assert not (tmp_path / "runs").exists()

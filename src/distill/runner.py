@@ -5,6 +5,7 @@ Everything a user can get wrong is checked before anything is written. The run i
 is never half-written; `resume=True` continues a killed run from its `.partial` folder.
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEn
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialists
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
-from distill.transfer import BiasShifted, choose_bias, class_shift, errors_on_classes, split_rows
+from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, split_rows
 from distill.train import fit, make_accelerator
 
 log = logging.getLogger("distill")
@@ -149,6 +150,7 @@ def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
                         "set jitter 0 for the distilled stage or remove teacher.cache")
     probe = build_method(method, CachedTeacher())  # methods that need the network refuse here, before any training
     probe.teacher.feed(cache.logits(list(range(len(x)))), inputs=x)
+    student = copy.deepcopy(student)  # a forward in train mode would move batch-norm statistics of the real one
     probe.setup(student, x)
     probe(student, x, y)
 
@@ -174,6 +176,11 @@ class Experiment:
         bad = [c for c in t.omit_classes if c >= self.data.num_classes]
         if bad:
             raise UserError(f"transfer.omit_classes: class {bad[0]} is out of range for {self.data.name}, whose classes are 0..{self.data.num_classes - 1}")
+        if t.omit_classes and (self.data.train.y == -1).any():
+            raise UserError("transfer.omit_classes with unlabelled training rows (data.unlabelled_fraction > 0): their "
+                            "classes are unknown, so omitted classes would stay in the transfer set; set one of the two to 0")
+        if t.omit_classes and t.bias_correction == "auto" and "student" in self.stages:
+            check_bias_rows(self.data.val, t.omit_classes)
         self.teacher_rows, self.student_rows = split_rows(self.data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)
         set_seed(recipe.seed)
         spec = recipe.teacher.specialists
@@ -227,6 +234,8 @@ class Experiment:
 
     def run(self, resume: bool = False) -> dict:
         if not self.main:
+            if resume:
+                self._check_same_recipe()  # read-only: every process must refuse, or the others wait forever
             return self._run(resume)
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
@@ -312,7 +321,7 @@ class Experiment:
             if r.transfer.omit_classes:
                 results["models"][role]["omitted_class_errors"] = errors_on_classes(model, self.data.test, r.transfer.omit_classes)
             if isinstance(model, BiasShifted):
-                results["models"][role]["bias_correction"] = float(model.shift.max())
+                results["models"][role]["bias_correction"] = model.value
         if isinstance(models.get("teacher+specialists"), GeneralistWithSpecialists):
             results["specialists"] = {"class_sets": models["teacher+specialists"].class_sets}
         results["transfer"] = {"rows": r.transfer.rows, "teacher_rows": len(self.teacher_rows), "student_rows": len(self.student_rows),
@@ -357,7 +366,9 @@ class Experiment:
         student = student.cpu()
         value = t.bias_correction if t.bias_correction != "auto" else choose_bias(student, self.data.val, t.omit_classes, n)
         log.info("student+bias: omitted classes %s raised by %.2f", t.omit_classes, value)
-        return BiasShifted(student, class_shift(n, t.omit_classes, value))
+        corrected = BiasShifted(student, class_shift(n, t.omit_classes, value))
+        corrected.value = float(value)  # reported as the bias
+        return corrected
 
     def _fresh_student(self) -> torch.nn.Module:
         model = build_model(self.recipe.student.model, self.data.input_shape, self.data.num_classes)

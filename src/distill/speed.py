@@ -14,6 +14,7 @@ depend on the machine.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -122,7 +123,13 @@ def _in_fresh_process(*args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, *args))
     proc.start()
-    out = queue.get()
+    out = None
+    while out is None:  # a child killed by the OOM killer or a signal never reports: do not wait for it forever
+        try:
+            out = queue.get(timeout=5)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                out = {"error": f"the process died with exit code {proc.exitcode}"}
     proc.join()
     if "error" in out:
         from distill.errors import UserError

@@ -40,8 +40,8 @@ class FitResult:
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
     """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True.
 
-    Under `accelerate launch` / torchrun this is data-parallel (DDP; FSDP or DeepSpeed from Accelerate's
-    config). batch_size is the GLOBAL batch: every process takes batch_size / num_processes rows of each batch
+    Under `accelerate launch` / torchrun this is data-parallel (DDP; FSDP and DeepSpeed are not supported yet:
+    the runner saves weights from the main process only). batch_size is the GLOBAL batch: every process takes batch_size / num_processes rows of each batch
     (split_batches), so a recipe trains the same way on any number of processes. A last, incomplete batch is
     padded from the epoch's first rows (Accelerate's even_batches), the one difference from a single process."""
     if cpu is None:

@@ -62,13 +62,17 @@ def class_shift(num_classes: int, classes: list[int], value: float) -> torch.Ten
     return shift
 
 
+def check_bias_rows(val: ArrayDataset, classes: list[int]) -> None:
+    if len(val) == 0 or not torch.isin(val.y, torch.as_tensor(classes)).any():
+        raise UserError("transfer.bias_correction: auto chooses the bias on validation rows of the omitted classes, "
+                        "and there are none: set data.val_fraction > 0 or give the bias as a number")
+
+
 def choose_bias(model: nn.Module, val: ArrayDataset, classes: list[int], num_classes: int,
                 grid: torch.Tensor | None = None) -> float:
     """The bias added to the omitted classes' logits that maximises accuracy on the validation rows (which
     contain those classes); ties go to the smallest bias. The test rows are never looked at."""
-    if len(val) == 0 or not torch.isin(val.y, torch.as_tensor(classes)).any():
-        raise UserError("transfer.bias_correction: auto chooses the bias on validation rows of the omitted classes, "
-                        "and there are none: set data.val_fraction > 0 or give the bias as a number")
+    check_bias_rows(val, classes)
     grid = torch.arange(0.0, 10.01, 0.25) if grid is None else grid
     best, best_acc = 0.0, -1.0
     for b in grid.tolist():

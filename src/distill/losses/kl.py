@@ -100,10 +100,11 @@ def _reduce_rows(per_row: Tensor, keep: Tensor | None, n_rows: int, leading: tor
 
 
 def _kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
-    """KL per row from log-probabilities: sum over the last dim of p_t·log p_t − p_t·log p_s, with 0·log 0 = 0
-    (xlogy), so a teacher probability of exactly 0 (logit -inf, e.g. a top-k row) adds nothing instead of nan."""
+    """KL per row from log-probabilities: sum over the last dim of p_t·(log p_t − log p_s), with 0·log 0 = 0.
+    where() rather than xlogy: p_t == 0 with log p_t == -inf would otherwise give 0 · -inf = nan, and xlogy's
+    gradient with respect to a teacher probability of 0 is log 0 (a teacher that requires grad would get nan)."""
     p_t = log_pt.exp()
-    return (torch.xlogy(p_t, p_t) - p_t * log_ps).sum(-1)
+    return torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
 
 
 def _soft_rows(student_logits, teacher_logits, temperature, mask):

@@ -315,6 +315,9 @@ class GeneralistWithSpecialists(nn.Module):
         self.class_sets = [list(s) for s in class_sets]  # checked against the generalist's class count in forward
         self.top_n = top_n
 
+    def extra_repr(self) -> str:
+        return f"class_sets={self.class_sets}, top_n={self.top_n}"  # part of its identity (e.g. a cache's teacher hash)
+
     def forward(self, x: Tensor) -> Tensor:
         generalist_logits = self.generalist(x)
         sets = check_class_sets(self.class_sets, generalist_logits.shape[-1])
