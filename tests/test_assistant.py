@@ -17,8 +17,8 @@ def test_each_stage_learns_from_the_one_before_and_is_reported(tmp_path, monkeyp
     taught = []  # (parameter count of the model used as teacher) at each distillation stage
 
     class Recording(LiveTeacher):
-        def __init__(self, model):
-            super().__init__(model)
+        def __init__(self, model, *args):
+            super().__init__(model, *args)
             taught.append(sum(p.numel() for p in model.parameters()))
 
     monkeypatch.setattr(distill.runner, "LiveTeacher", Recording)
