@@ -71,6 +71,17 @@ def _scipy_solution(generalist_row, specialist_rows, top_n):
 
 # --- class sets ---------------------------------------------------------------------------------------------
 
+def _fixed_point_terms(generalist, specialists, i, q, top_n):
+    """Row i's w_j = p_g,j + Σ_m p_m,j (j in S_m) and r_j = Σ_m dustbin_m / Q_m (j outside S_m), active m only."""
+    w, r, active = _softmax(generalist[i].numpy()).copy(), np.zeros(C), _active_sets(generalist[i].numpy(), top_n)
+    for m in active:
+        pm = _softmax(specialists[m][i].numpy())
+        w[SETS[m]] += pm[:-1]
+        rest = [c for c in range(C) if c not in SETS[m]]
+        r[rest] += pm[-1] / q[rest].sum()
+    return w, r, active
+
+
 def test_check_class_sets_returns_sorted_copies():
     given = [[7, 5], [2, 0, 1]]
     assert check_class_sets(given, 10) == [[5, 7], [0, 1, 2]]
@@ -179,13 +190,8 @@ def test_documented_gradient_and_zero_gradient_at_the_solution():
     z = torch.randn(16, C, dtype=torch.float64, requires_grad=True)
     specialist_objective(torch.log_softmax(z, -1), generalist, specialists, SETS, top_n).sum().backward()
     for i in range(16):
-        q, pg = _softmax(z[i].detach().numpy()), _softmax(generalist[i].numpy())
-        w, r, active = pg.copy(), np.zeros(C), _active_sets(generalist[i].numpy(), top_n)
-        for m in active:
-            pm = _softmax(specialists[m][i].numpy())
-            w[SETS[m]] += pm[:-1]
-            rest = [c for c in range(C) if c not in SETS[m]]
-            r[rest] += pm[-1] / q[rest].sum()
+        q = _softmax(z[i].detach().numpy())
+        w, r, active = _fixed_point_terms(generalist, specialists, i, q, top_n)
         np.testing.assert_allclose(z.grad[i].numpy(), (1 + len(active)) * q - w - q * r, atol=1e-12)
     solution = combine(generalist, specialists, SETS, top_n=top_n).requires_grad_()
     specialist_objective(torch.log_softmax(solution, -1), generalist, specialists, SETS, top_n).sum().backward()
@@ -200,13 +206,8 @@ def test_combine_keeps_tiny_probabilities_exact(scale):
     for top_n in (1, 2, 3):
         log_q = combine(generalist, specialists, SETS, top_n=top_n)
         for i in range(40):
-            q, pg = log_q[i].exp().numpy(), _softmax(generalist[i].numpy())
-            w, r, active = pg.copy(), np.zeros(C), _active_sets(generalist[i].numpy(), top_n)
-            for m in active:
-                pm = _softmax(specialists[m][i].numpy())
-                w[SETS[m]] += pm[:-1]
-                rest = [c for c in range(C) if c not in SETS[m]]
-                r[rest] += pm[-1] / q[rest].sum()
+            q = log_q[i].exp().numpy()
+            w, r, active = _fixed_point_terms(generalist, specialists, i, q, top_n)
             fixed_point = (w + q * r) / (1 + len(active))
             np.testing.assert_allclose(np.log(fixed_point), log_q[i].numpy(), rtol=0, atol=1e-9)
 
