@@ -31,8 +31,6 @@ class Distiller:
             raise UserError(f"{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.teacher = teacher
         self.student = student
-        if teacher_precision not in ("fp32", "fp16", "bf16"):
-            raise UserError(f"teacher_precision must be fp32, fp16 or bf16, got {teacher_precision!r}")
         self.method = build_method(config, LiveTeacher(teacher, teacher_precision))
         self._ready = False  # set once the method has built its trainable parts (see setup)
 

@@ -221,16 +221,26 @@ def save_model(path, model: nn.Module, config: dict) -> None:
 def load_model_file(path) -> tuple[dict[str, Tensor], dict]:
     """Returns (state_dict, config); config is {} if the file has no distill_config metadata."""
     tensors, metadata = _read_safetensors(path)
+    return tensors, _config(metadata, path)
+
+
+def read_model_record(path) -> dict:
+    """The distill_config of a model file, from its header alone (no tensor is read); {} if it has none."""
+    header, _ = _read_header(Path(path))
+    return _config(header.get("__metadata__") or {}, path)
+
+
+def _config(metadata: dict, path) -> dict:
     raw = metadata.get(CONFIG_KEY)
     if raw is None:
-        return tensors, {}
+        return {}
     try:
         config = json.loads(raw)
     except json.JSONDecodeError:
         raise _corrupt(path, f"its {CONFIG_KEY} metadata is not valid JSON") from None
     if not isinstance(config, dict):
         raise _corrupt(path, f"its {CONFIG_KEY} metadata is not a JSON object")
-    return tensors, config
+    return config
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -79,7 +79,7 @@ def cmd_cache(args):
 
     from distill.runner import load_data, load_teacher
     from distill.signals.cache import write_cache, write_summary
-    from distill.transfer import split_rows
+    from distill.transfer import recipe_rows
 
     recipe = _recipe(args)
     teacher_path = args.teacher or recipe.teacher.checkpoint
@@ -88,8 +88,7 @@ def cmd_cache(args):
     data = load_data(recipe)
     teacher = load_teacher(recipe, data, teacher_path)
     if args.split == "transfer":  # the rows the distilled student learns from (see the recipe's transfer section)
-        t = recipe.transfer
-        rows = split_rows(data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)[1]
+        rows = recipe_rows(recipe, data.train)[1]
     else:
         rows = getattr(data, args.split)
     try:

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import ValidationError
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
 from distill.data import DataSplits, load_dataset
 from distill.errors import UserError
 from distill.methods import build_method
@@ -30,7 +30,7 @@ from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEn
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialists
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
-from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, split_rows
+from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, recipe_rows
 from distill.train import fit, make_accelerator
 
 log = logging.getLogger("distill")
@@ -181,7 +181,7 @@ class Experiment:
                             "classes are unknown, so omitted classes would stay in the transfer set; set one of the two to 0")
         if t.omit_classes and t.bias_correction == "auto" and "student" in self.stages:
             check_bias_rows(self.data.val, t.omit_classes)
-        self.teacher_rows, self.student_rows = split_rows(self.data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)
+        self.teacher_rows, self.student_rows = recipe_rows(recipe, self.data.train)
         set_seed(recipe.seed)
         spec = recipe.teacher.specialists
         if spec and spec.class_sets:
@@ -350,7 +350,7 @@ class Experiment:
 
     def _teacher_model_config(self):
         if self.teacher_checkpoint:
-            record = load_model_file(self.teacher_checkpoint)[1]
+            record = read_model_record(self.teacher_checkpoint)  # the header only: the weights are loaded already
             if "model" in record:
                 return model_config_adapter.validate_python(record["model"])
         return self.recipe.teacher.model

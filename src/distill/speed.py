@@ -32,13 +32,12 @@ def _setup(recipe_raw: dict, teacher_path: str | None, threads: int):
     from distill.recipe import validate_recipe
     from distill.runner import load_data, load_teacher
     from distill.students import build_model
-    from distill.transfer import split_rows
+    from distill.transfer import recipe_rows
 
     torch.set_num_threads(threads)
     recipe = validate_recipe(recipe_raw)
     data = load_data(recipe)
-    t = recipe.transfer
-    rows = split_rows(data.train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)[1]
+    rows = recipe_rows(recipe, data.train)[1]
     torch.manual_seed(recipe.seed)
     if teacher_path:
         teacher = load_teacher(recipe, data, teacher_path)

@@ -44,6 +44,13 @@ def split_rows(train: ArrayDataset, rows: str, heldout_fraction: float, omit_cla
     return teacher_rows, student_rows
 
 
+def recipe_rows(recipe, train: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:
+    """split_rows with the recipe's transfer section (and data.split_seed): what the runner, the cache and the
+    bench all mean by the teacher's and the students' rows."""
+    t = recipe.transfer
+    return split_rows(train, t.rows, t.heldout_fraction, t.omit_classes, recipe.data.split_seed)
+
+
 class BiasShifted(nn.Module):
     """model(x) + shift: the student with the logits (biases) of some classes raised. No new parameters."""
 

@@ -5,6 +5,8 @@ import copy
 import torch
 from torch import nn
 
+from distill.errors import UserError
+
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -20,7 +22,7 @@ class LiveTeacher:
 
     def __init__(self, model: nn.Module, precision: str = "fp32"):
         if precision not in ("fp32", *HALF):
-            raise ValueError(f"teacher precision must be fp32, fp16 or bf16, got {precision!r}")
+            raise UserError(f"teacher precision must be fp32, fp16 or bf16, got {precision!r}")
         self.dtype = HALF.get(precision)
         self.model = (copy.deepcopy(model).to(self.dtype) if self.dtype else model).eval()
         for p in self.model.parameters():
