@@ -15,21 +15,19 @@ from distill.checkpoint import save_model
 from distill.cli import main
 from distill.data import ArrayDataset
 from distill.errors import UserError
+from distill.features import capture
 from distill.losses.topk import topk_kd_loss, topk_kd_loss_from_indices
+from distill.methods.attention import Attention, AttentionConfig
+from distill.methods.hints import Hints, HintsConfig
 from distill.methods.kd import KD, KDConfig
 from distill.methods.supervised import Supervised, SupervisedConfig
+from distill.methods.topk import TopK, TopKConfig
 from distill.recipe import TrainConfig, load_recipe
 from distill.runner import load_data, load_teacher, model_record
 from distill.signals import LiveTeacher
-from distill.signals.cache import (
-    CachedDataset,
-    CachedTeacher,
-    index_dtype,
-    open_cache,
-    teacher_sha256,
-    write_cache,
-)
-from distill.students import MLPConfig, build_model
+from distill.signals import CachedDataset, CachedTeacher, open_cache, write_cache
+from distill.signals.cache_format import index_dtype, teacher_sha256
+from distill.students import CNNConfig, MLPConfig, build_model
 from distill.train import fit
 
 
@@ -163,6 +161,42 @@ def test_logsumexp_makes_the_rest_bucket_exact_at_t1(tmp_path):
     student = torch.randn(50, 20, generator=torch.Generator().manual_seed(3))
     from_cache = topk_kd_loss_from_indices(student, values, classes, rest="bucket", teacher_logsumexp=lse)
     assert torch.allclose(from_cache, topk_kd_loss(student, full, 3, rest="bucket"), rtol=1e-5)
+
+
+def test_features_round_trip_and_are_matched_by_layer(tmp_path):
+    teacher, data = _Teacher(), _data(n=90)
+    with torch.inference_mode(), capture(teacher, ["net.1"]) as feats:
+        teacher(data.x)
+    want = feats["net.1"]
+    write_cache(teacher, data, tmp_path / "f32", dtype="float32", features=["net.1"], shard_rows=40, batch_size=25)
+    cache = open_cache(tmp_path / "f32")
+    assert cache.feature_layers == ["net.1"] and cache.feature_shapes == {"net.1": (16,)}
+    order = [5, 88, 0, 41]
+    assert torch.equal(cache.features(order)["net.1"], want[order])
+    logits, extras = cache.batch(order)
+    assert torch.equal(logits, cache.logits(order)) and list(extras) == ["features"]
+    assert torch.equal(extras["features"]["net.1"], want[order])
+    write_cache(teacher, data, tmp_path / "f16", features=["net.1"], shard_rows=40)
+    assert torch.equal(open_cache(tmp_path / "f16").features(order)["net.1"], want[order].half().float())
+    # asked for a layer it does not store; other layers on reuse; unknown and repeated layers
+    _one_line_error(lambda: cache.features(order, ["net.0"]), "'net.0'", "--features net.0", "stores 'net.1'")
+    _one_line_error(lambda: write_cache(teacher, data, tmp_path / "f32", dtype="float32", shard_rows=40, batch_size=25),
+                    "feature layers=['net.1'] (now [])")
+    _one_line_error(lambda: write_cache(teacher, data, tmp_path / "x", features=["net.9"]), "no layer named 'net.9'", "net.1")
+    _one_line_error(lambda: write_cache(teacher, data, tmp_path / "x", features=["net.1", "net.1"]), "twice")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_a_killed_feature_write_resumes_to_the_same_files(tmp_path):
+    data = _data(n=120)
+    write_cache(_Teacher(), data, tmp_path / "whole", top_k=2, features=["net.1"], shard_rows=40, batch_size=20)
+    teacher = _Teacher()
+    teacher.fail_on_call = 4  # shard 0 is finished (calls 1-2), the kill comes in shard 1
+    with pytest.raises(RuntimeError):
+        write_cache(teacher, data, tmp_path / "c", top_k=2, features=["net.1"], shard_rows=40, batch_size=20)
+    teacher.fail_on_call = None
+    write_cache(teacher, data, tmp_path / "c", top_k=2, features=["net.1"], shard_rows=40, batch_size=20)
+    assert _files(tmp_path / "c") == _files(tmp_path / "whole")
 
 
 # ----------------------------------------------------------------------------- atomic, resumable
@@ -316,11 +350,13 @@ def test_cached_dataset_items_and_cached_teacher_contract(tmp_path):
     write_cache(teacher, data, tmp_path / "c", top_k=3, dtype="float32", shard_rows=20)
     cache = open_cache(tmp_path / "c")
     ds = CachedDataset(data, cache)
-    x, y, t = ds.__getitems__([4, 45, 21])
+    x, y, t, extras = ds.__getitems__([4, 45, 21])
     assert torch.equal(x, data.x[[4, 45, 21]]) and torch.equal(y, data.y[[4, 45, 21]])
     assert torch.equal(t, cache.logits([4, 45, 21])) and int(torch.isinf(t).sum(1).min()) == 7
-    x1, y1, t1 = ds[-1]
+    assert list(extras) == ["logsumexp"] and torch.equal(extras["logsumexp"], cache.topk([4, 45, 21])[2])
+    x1, y1, t1, extras1 = ds[-1]
     assert torch.equal(x1, data.x[49]) and y1 == data.y[49] and torch.equal(t1, cache.logits([49])[0])
+    assert extras1["logsumexp"] == cache.topk([49])[2][0]
     with pytest.raises(IndexError):
         ds[50]
 
@@ -402,3 +438,48 @@ def test_cli_cache_writes_reuses_and_refuses(tmp_path, capsys):
         assert "\n" not in err and words in err, err
     assert main(["cache", str(recipe_path), "--out", str(tmp_path / "x")]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def _trained_cnn(method, data, digits, epochs=3):
+    torch.manual_seed(0)
+    student = build_model(CNNConfig(channels=[4, 8], hidden=[16]), digits.input_shape, digits.num_classes)
+    fit(student, method, data, digits.val, TrainConfig(epochs=epochs, batch_size=64, lr=0.003), seed=0, progress=False)
+    with torch.inference_mode():
+        return student.eval()(digits.test.x)
+
+
+def test_hints_and_attention_on_a_feature_cache_train_the_same_student_as_the_live_teacher(tmp_path, digits, digits_teacher):
+    hints = HintsConfig(method="hints", student_layer="net.2", teacher_layer="head.2", hint_weight=0.5)
+    attention = AttentionConfig(method="attention", student_layers=["features.2", "features.6"],
+                                teacher_layers=["features.2", "features.6"])
+    write_cache(digits_teacher, digits.train, tmp_path / "c", dtype="float32",
+                features=["head.2", "features.2", "features.6"])
+    cached = CachedDataset(digits.train, open_cache(tmp_path / "c", teacher=digits_teacher, dataset=digits.train))
+    live = _trained_student(Hints(hints, LiveTeacher(digits_teacher)), digits.train, digits)
+    from_cache = _trained_student(Hints(hints, CachedTeacher()), cached, digits)
+    assert torch.allclose(from_cache, live, atol=1e-4, rtol=0), float((from_cache - live).abs().max())
+    kd_only = _trained_student(KD(KDConfig(), LiveTeacher(digits_teacher)), digits.train, digits)
+    assert (kd_only - live).abs().max() > 1e-2  # the hint term changes the student: the features were used
+    live = _trained_cnn(Attention(attention, LiveTeacher(digits_teacher)), digits.train, digits)
+    from_cache = _trained_cnn(Attention(attention, CachedTeacher()), cached, digits)
+    assert torch.allclose(from_cache, live, atol=1e-4, rtol=0), float((from_cache - live).abs().max())
+    # a cache without the hint layer is refused when the method first asks for it, with the fix
+    write_cache(digits_teacher, digits.train, tmp_path / "no-features")
+    bare = CachedDataset(digits.train, open_cache(tmp_path / "no-features"))
+    _one_line_error(lambda: _trained_student(Hints(hints, CachedTeacher()), bare, digits), "'head.2'", "--features head.2")
+
+
+def test_topk_rest_bucket_from_a_topk_cache_at_t1_equals_the_live_teacher(tmp_path, digits, digits_teacher):
+    write_cache(digits_teacher, digits.train, tmp_path / "c", top_k=4, dtype="float32")
+    cached = CachedDataset(digits.train, open_cache(tmp_path / "c", dataset=digits.train))
+    config = TopKConfig(k=3, rest="bucket", temperature=1.0)
+    live = _trained_student(TopK(config, LiveTeacher(digits_teacher)), digits.train, digits)
+    from_cache = _trained_student(TopK(config, CachedTeacher()), cached, digits)
+    assert torch.allclose(from_cache, live, atol=1e-4, rtol=0), float((from_cache - live).abs().max())
+    renormalised = _trained_student(TopK(config.model_copy(update={"rest": "renormalize"}), LiveTeacher(digits_teacher)),
+                                    digits.train, digits)
+    assert (renormalised - live).abs().max() > 1e-2  # the bucket matters: the logsumexp was used
+    _one_line_error(lambda: _trained_student(TopK(config.model_copy(update={"temperature": 4.0}), CachedTeacher()), cached, digits),
+                    "temperature 1", "rest=renormalize")
+    _one_line_error(lambda: _trained_student(TopK(config.model_copy(update={"k": 5}), CachedTeacher()), cached, digits),
+                    "k=5", "--top-k")

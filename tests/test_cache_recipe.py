@@ -40,7 +40,7 @@ def test_distilling_from_the_cache_equals_the_live_teacher(tmp_path, trained, ca
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["distill.method=hints", "distill.student_layer=net.1", "distill.teacher_layer=net.1"], "live teacher network"),
+    (["distill.method=hints", "distill.student_layer=net.1", "distill.teacher_layer=net.1"], "--features net.1"),
     (["distill.method=sobolev"], "live teacher network"),
     (["teacher.cache={cache}", "student.train.jitter=1"], "jitter"),
     (["transfer.omit_classes=[3]"], "the dataset has"),
@@ -68,3 +68,28 @@ def test_a_cache_cannot_stand_for_a_teacher_trained_in_the_same_run(tmp_path, tr
     recipe, _, cache = trained
     assert main(["run", str(recipe), "--quiet", f"teacher.cache={cache}"]) == 2
     assert "distill distill RECIPE teacher.cache=DIR" in capsys.readouterr().err
+
+
+def test_the_cache_of_a_hints_recipe_stores_its_teacher_layer_and_serves_it(tmp_path, trained, capsys):
+    recipe, teacher, _ = trained
+    hints = ["distill.method=hints", "distill.student_layer=net.1", "distill.teacher_layer=net.1"]
+    cache = tmp_path / "hints-cache"
+    assert main(["cache", str(recipe), "--teacher", teacher, "--out", str(cache), "--dtype", "float32", *hints]) == 0
+    assert "features of net.1" in capsys.readouterr().out
+    assert json.loads((cache / "manifest.json").read_text())["features"] == ["net.1"]
+    assert main(["distill", str(recipe), "--quiet", "--teacher", teacher, "name=live", *hints]) == 0
+    assert main(["distill", str(recipe), "--quiet", f"teacher.cache={cache}", "name=cached", *hints]) == 0
+    live, cached = _results(tmp_path, "live"), _results(tmp_path, "cached")
+    assert cached["student"]["accuracy"] == live["student"]["accuracy"]
+    assert cached["student"]["errors"] == live["student"]["errors"]
+    # a top-k cache serves the rest bucket only at T = 1, and only k up to the stored top k
+    top3 = tmp_path / "top3"
+    assert main(["cache", str(recipe), "--teacher", teacher, "--out", str(top3), "--top-k", "3"]) == 0
+    topk = ["distill.method=topk", "distill.rest=bucket"]
+    assert main(["distill", str(recipe), "--quiet", f"teacher.cache={top3}", "name=t1", *topk, "distill.k=3",
+                 "distill.temperature=1"]) == 0
+    for extra, words in ((["distill.k=3", "distill.temperature=2"], "temperature=1"), (["distill.k=4"], "k=4 is more than the 3")):
+        capsys.readouterr()
+        assert main(["distill", str(recipe), "--quiet", f"teacher.cache={top3}", "name=bad", *topk, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, err

@@ -77,6 +77,7 @@ def cmd_eval(args):
 def cmd_cache(args):
     import torch
 
+    from distill.cache_fit import teacher_layers
     from distill.runner import load_data, load_teacher
     from distill.signals.cache import write_cache, write_summary
     from distill.transfer import recipe_rows
@@ -91,8 +92,10 @@ def cmd_cache(args):
         rows = recipe_rows(recipe, data.train)[1]
     else:
         rows = getattr(data, args.split)
+    # the teacher layers the recipe's method reads come along, so `distill distill RECIPE teacher.cache=OUT` works
+    features = args.features if args.features is not None else teacher_layers(recipe.distill)
     try:
-        manifest = write_cache(teacher, rows, args.out, top_k=args.top_k, dtype=args.dtype,
+        manifest = write_cache(teacher, rows, args.out, top_k=args.top_k, dtype=args.dtype, features=features,
                                batch_size=args.batch_size, resume=not args.restart,
                                device="cuda" if torch.cuda.is_available() else "cpu")
     except KeyboardInterrupt:
@@ -116,7 +119,7 @@ RECIPE_TECHNIQUES = (
     ("transfer.rows", "the teacher's own rows, or rows held out from it (heldout_fraction)"),
     ("transfer.omit_classes", "leave classes out of the transfer set; bias_correction raises their logits (Hinton's omitted 3)"),
     ("data.unlabelled_fraction", "unlabelled transfer rows with the teacher's argmax as pseudo-label"),
-    ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits): no teacher in memory"),
+    ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits, layer features): no teacher in memory"),
     ("teacher.precision", "the teacher's forward pass in fp16/bf16"),
 )
 
@@ -170,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
     c.add_argument("--top-k", type=int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
-    c.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="type of the stored logits")
+    c.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="type of the stored logits and features")
+    c.add_argument("--features", nargs="*", metavar="LAYER",
+                   help="teacher layers whose outputs are stored too (default: those the recipe's method reads, "
+                        "e.g. hints' teacher_layer; --features with no name stores none)")
     c.add_argument("--split", choices=("transfer", "train", "val", "test"), default="transfer",
                    help="rows to cache; transfer (default): the rows the students learn from, as teacher.cache needs")
     c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")

@@ -88,23 +88,30 @@ def capture(model: nn.Module, names: Sequence[str], role: str = "model") -> Iter
 
 
 def teacher_model(teacher, need: str = "intermediate layers") -> nn.Module:
-    """The raw float32 teacher network behind a live signal; these methods cannot work from logits alone."""
+    """The raw float32 teacher network behind a live signal; these methods cannot work from stored outputs."""
     model = getattr(teacher, "model", None)
     if not isinstance(model, nn.Module):
         raise UserError(f"this method reads the teacher's {need}, so it needs a live teacher network "
-                        "(distill.signals.LiveTeacher), not only its logits (e.g. from a cache)")
+                        "(distill.signals.LiveTeacher), not only its stored outputs (e.g. from a cache)")
     if getattr(teacher, "dtype", None) is not None:
         raise UserError(f"this method reads the teacher's {need} in float32: set teacher.precision: fp32")
     return model
 
 
+def _cached(teacher) -> bool:
+    return callable(getattr(teacher, "features", None))  # distill.signals.CachedTeacher
+
+
 def teacher_forward(teacher, x: Tensor, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """Teacher logits and the named teacher activations from one forward pass, with no autograd.
 
-    `teacher` is a live signal (distill.signals.LiveTeacher) whose `.model` is the raw network. Like the signal,
-    the pass runs in eval mode under inference_mode; results are cloned outside it so the student's loss can
-    save them for backward (inference tensors cannot be saved).
+    `teacher` is a live signal (distill.signals.LiveTeacher) whose `.model` is the raw network, or a
+    CachedTeacher whose cache stores these layers. Like the signal, the live pass runs in eval mode under
+    inference_mode; results are cloned outside it so the student's loss can save them for backward
+    (inference tensors cannot be saved).
     """
+    if _cached(teacher):
+        return teacher(x), teacher.features(x, names)
     model = teacher_model(teacher)
     model.eval()
     with torch.inference_mode(), capture(model, names, role="teacher") as feats:
@@ -131,3 +138,11 @@ def probe(model: nn.Module, x: Tensor, names: Sequence[str], role: str = "model"
         for m, training in modes:
             m.train(training)
     return feats
+
+
+def teacher_probe(teacher, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """The named teacher activations for `x`, for reading shapes in `setup`: from the cache for a CachedTeacher
+    (fed this batch), else `probe` on the live network."""
+    if _cached(teacher):
+        return teacher.features(x, names)
+    return probe(teacher_model(teacher), x, names, "teacher")

@@ -5,7 +5,6 @@ Everything a user can get wrong is checked before anything is written. The run i
 is never half-written; `resume=True` continues a killed run from its `.partial` folder.
 """
 
-import copy
 import dataclasses
 import json
 import logging
@@ -19,6 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import ValidationError
 
+from distill.cache_fit import check_cache_fits
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
 from distill.data import DataSplits, load_dataset
 from distill.errors import UserError
@@ -125,34 +125,6 @@ def check_same_teacher_rows(teacher_transfer: dict, recipe: Recipe, path: str) -
     if teacher_transfer.get("rows") != "heldout" or teacher_transfer.get("heldout_fraction") != t.heldout_fraction:
         raise UserError(f"teacher {path} was not trained with transfer.rows=heldout and heldout_fraction={t.heldout_fraction}, "
                         "so it may have seen the students' held-out rows: train the teacher with this recipe")
-
-
-TOPK_CACHE_METHODS = {"kd": lambda c: c.soft_loss in ("kl", "soft_ce"), "topk": lambda c: c.rest == "renormalize"}
-
-
-def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
-    """A cache stores logits of un-augmented rows: the method must need nothing else, and a top-k cache only
-    suits losses that are exact on a renormalised top-k distribution."""
-    x, y = rows.x[:2], rows.y[:2]
-    with torch.inference_mode():
-        outputs = student.eval()(x).shape[-1]
-    student.train()
-    if cache.num_classes != outputs:
-        raise UserError(f"teacher.cache holds {cache.num_classes} classes per row but the student predicts {outputs}: use a cache of a teacher for these classes")
-    method = recipe.distill
-    if cache.top_k is not None and not TOPK_CACHE_METHODS.get(method.method, lambda c: False)(method):
-        raise UserError(f"teacher.cache stores only the top {cache.top_k} logits, which distill.method={method.method} "
-                        "cannot use exactly: use method kd (soft_loss kl or soft_ce) or topk (rest: renormalize), or a full-logit cache")
-    first = recipe.assistants[0] if recipe.assistants else recipe.student
-    train = getattr(first, "distill_train", None) or first.train
-    if train.jitter:
-        raise UserError(f"train.jitter={train.jitter} with teacher.cache, whose outputs are of the un-jittered rows: "
-                        "set jitter 0 for the distilled stage or remove teacher.cache")
-    probe = build_method(method, CachedTeacher())  # methods that need the network refuse here, before any training
-    probe.teacher.feed(cache.logits(list(range(len(x)))), inputs=x)
-    student = copy.deepcopy(student)  # a forward in train mode would move batch-norm statistics of the real one
-    probe.setup(student, x)
-    probe(student, x, y)
 
 
 class Experiment:

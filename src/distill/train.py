@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
@@ -127,8 +127,11 @@ def fit(
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
     model.to(accelerator.device)
-    # trainable parts of the method (regressors, peers), before the optimizer exists
-    method.setup(model, next(iter(loader))[0].to(accelerator.device))
+    # trainable parts of the method (regressors, peers), before the optimizer exists; a cached teacher gets
+    # that batch's outputs first, so a feature method can read the cached layers' shapes
+    first = send_to_device(next(iter(loader)), accelerator.device)
+    _feed_teacher(getattr(method, "teacher", None), first, first[0])
+    method.setup(model, first[0])
     method.modules.to(accelerator.device)
     params = list(model.parameters()) + list(method.parameters())
     optimizer = make_optimizer(params, cfg)
@@ -237,14 +240,14 @@ def _is_cached(teacher) -> bool:
 
 
 def _feed_teacher(teacher, batch, x) -> None:
-    """Batches are (x, y) or, from a CachedDataset, (x, y, teacher_logits): hand those logits to the cached
-    teacher before the method asks it about x."""
-    if len(batch) == 3 and _is_cached(teacher):
-        teacher.feed(batch[2], inputs=x)
+    """Batches are (x, y) or, from a CachedDataset, (x, y, teacher_logits, extras): hand those outputs to the
+    cached teacher before the method asks it about x."""
+    if len(batch) == 4 and _is_cached(teacher):
+        teacher.feed(batch[2], inputs=x, **batch[3])
     elif _is_cached(teacher):
         raise UserError("the method's teacher is a CachedTeacher but the training batches carry no teacher logits: "
                         "train on CachedDataset(data, cache)")
-    elif len(batch) == 3 and teacher is not None:
+    elif len(batch) == 4 and teacher is not None:
         raise UserError("the training batches carry cached teacher logits but the method's teacher is live: "
                         "build the method with CachedTeacher() or train on the plain dataset")
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
 from distill.errors import UserError
-from distill.features import capture, probe, teacher_forward, teacher_model
+from distill.features import capture, probe, teacher_forward, teacher_probe
 from distill.losses.feature import attention_transfer_loss
 from distill.losses.kd import kd_loss
 from distill.methods.base import Method, register
@@ -56,9 +56,9 @@ class Attention(Method):
     def setup(self, student, example):
         # No trainable parts; fail before training if a layer is unknown or not 4-D.
         c = self.config
-        for role, model, names in (("student", student, c.student_layers),
-                                   ("teacher", teacher_model(self.teacher), c.teacher_layers)):
-            for name, f in probe(model, example, names, role).items():
+        for role, feats in (("student", probe(student, example, c.student_layers, "student")),
+                            ("teacher", teacher_probe(self.teacher, example, c.teacher_layers))):
+            for name, f in feats.items():
                 if f.dim() != 4:
                     raise UserError(f"attention: {role} layer {name!r} outputs shape {tuple(f.shape)}; attention "
                                     "transfer needs 4-D (N, C, H, W) activations, e.g. a conv or its ReLU")

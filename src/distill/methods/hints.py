@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from distill.features import capture, probe, teacher_forward, teacher_model
+from distill.features import capture, probe, teacher_forward, teacher_probe
 from distill.losses.feature import hint_loss
 from distill.losses.kd import kd_loss
 from distill.methods.base import Method, register
@@ -85,7 +85,7 @@ class Hints(Method):
     def setup(self, student, example):
         c = self.config
         s = probe(student, example, [c.student_layer], "student")[c.student_layer]
-        t = probe(teacher_model(self.teacher), example, [c.teacher_layer], "teacher")[c.teacher_layer]
+        t = teacher_probe(self.teacher, example, [c.teacher_layer])[c.teacher_layer]
         self.modules["regressor"] = HintRegressor(tuple(s.shape), tuple(t.shape)).to(example.device)
 
     def __call__(self, student, x, y):
