@@ -111,3 +111,19 @@ def test_methods_that_read_teacher_layers_refuse_a_half_teacher(digits, digits_t
         method = build_method(DISTILL_METHODS[name].Config(method=name), LiveTeacher(digits_teacher, "bf16"))
         with pytest.raises(UserError, match="set teacher.precision: fp32"):
             method(student, x, y)
+
+
+def test_the_live_teacher_answers_in_eval_mode_even_after_a_train_call():
+    from torch import nn
+
+    from distill.signals import LiveTeacher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        want = model.eval()(x)
+    teacher = LiveTeacher(model)
+    for switched in (model, model[1]):  # a user's loop calling .train() on everything, or on one layer
+        switched.train()
+        assert torch.equal(teacher(x), want) and not any(m.training for m in model.modules())

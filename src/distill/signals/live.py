@@ -29,7 +29,8 @@ class LiveTeacher:
             p.requires_grad_(False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.eval()  # a user's loop may have called .train() on everything
+        if any(m.training for m in self.model.modules()):  # a user's loop may have called .train() on everything
+            self.model.eval()  # (checked first: eval() walks and sets every module, a cost paid on every batch)
         with torch.inference_mode():
             logits = self.model(x if self.dtype is None else x.to(self.dtype))
         # outside inference mode, .float()/.clone() make a normal tensor that autograd may save
