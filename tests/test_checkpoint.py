@@ -293,8 +293,8 @@ def test_missing_incomplete_and_corrupt_folders(tmp_path):
     with pytest.raises(UserError, match="state.json is not valid JSON"):
         load_training_state(tmp_path / "e", **kw)
 
-    other, other_opt, other_sched = make_run("sgd", "step")
-    save_training_state(tmp_path / "f", model=mlp(hidden=4), optimizer=other_opt, step=1, epoch=0)
+    small = mlp(hidden=4)
+    save_training_state(tmp_path / "f", model=small, optimizer=torch.optim.SGD(small.parameters(), lr=0.1), step=1, epoch=0)
     with pytest.raises(UserError, match="does not match the model"):
         load_training_state(tmp_path / "f", **kw)
 

@@ -1,6 +1,8 @@
 """Data-parallel training through Accelerate: 2 CPU processes (gloo) give the single-process result."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +17,49 @@ from conftest import tiny_recipe
 HERE = Path(__file__).parent
 
 
-def _torchrun(args, tmp_path):
+def _torchrun(args, tmp_path, ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("method", ["kd", "hints"])  # hints: the method's own regressor is trained too
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method):
+# hints: the method's own regressor is trained too; cached: each process reads its rows' teacher logits and
+# features from a cache, and must match one process with the live teacher
+@pytest.mark.parametrize("method, cached", [("kd", False), ("hints", False), ("hints", True)])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, cached):
+    from ddp_worker import distil, load_teacher, rows
+    from distill.checkpoint import save_model
+    from distill.signals import write_cache
+    from distill.students import MLPConfig, build_model
+
+    torch.manual_seed(1)
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_model(teacher_path, build_model(MLPConfig(hidden=[64]), (1, 8, 8), 10), {})
+    if cached:
+        write_cache(load_teacher(str(teacher_path)), rows(), tmp_path / "cache", dtype="float32", features=["net.1"])
+    out = tmp_path / "ddp.safetensors"
+    cache = ["--cache", str(tmp_path / "cache")] if cached else []
+    _torchrun([str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--out", str(out), "--method", method, *cache],
+              tmp_path)
+    _assert_same_weights(out, distil(str(teacher_path), method))
+
+
+def _assert_same_weights(path, model):
+    _assert_same_weights_in_memory(safetensors.torch.load_file(path), model)
+
+
+def _assert_same_weights_in_memory(weights, model):
+    weights = weights if isinstance(weights, dict) else weights.state_dict()
+    single = model.state_dict()
+    assert set(weights) == set(single)
+    for name, value in single.items():
+        torch.testing.assert_close(weights[name], value, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kd", "hints"])
+def test_fsdp_trains_shards_and_resumes_like_one_process(tmp_path, method):
     from ddp_worker import distil
     from distill.checkpoint import save_model
     from distill.students import MLPConfig, build_model
@@ -32,13 +67,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method):
     torch.manual_seed(1)
     teacher_path = tmp_path / "teacher.safetensors"
     save_model(teacher_path, build_model(MLPConfig(hidden=[64]), (1, 8, 8), 10), {})
-    out = tmp_path / "ddp.safetensors"
-    _torchrun([str(HERE / "ddp_worker.py"), str(teacher_path), str(out), method], tmp_path)
-    single = distil(str(teacher_path), method).state_dict()
-    ddp = safetensors.torch.load_file(out)
-    assert set(ddp) == set(single)
-    for name, value in single.items():
-        torch.testing.assert_close(ddp[name], value, atol=2e-5, rtol=1e-4)
+    single = distil(str(teacher_path), method)
+    run = [str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--method", method, "--engine", "fsdp"]
+    done = _torchrun([*run, "--out", str(tmp_path / "fsdp.safetensors")], tmp_path)
+    assert done.stdout.count("batches trained: 48, sharded: True") == 2, done.stdout
+    _assert_same_weights(tmp_path / "fsdp.safetensors", single)
+    # killed in epoch 2 (16 batches an epoch): the resumed run restores the gathered weights and optimizer state
+    state = ["--state-dir", str(tmp_path / "state")]
+    _torchrun([*run, "--out", str(tmp_path / "killed.safetensors"), *state, "--kill-at-step", "24"], tmp_path, ok=False)
+    assert (tmp_path / "state").is_dir() and not (tmp_path / "killed.safetensors").exists()
+    saved = safetensors.torch.load_file(tmp_path / "state" / "model.safetensors")  # gathered, not one shard
+    assert saved["student.net.1.weight"].shape == single.net[1].weight.shape
+    shutil.copytree(tmp_path / "state", tmp_path / "state-copy")  # with the best-on-validation weights beside it
+    shutil.copy(tmp_path / "state.best.safetensors", tmp_path / "state-copy.best.safetensors")
+    # the checkpoint does not depend on the sharding: one process resumes it to the same weights
+    _assert_same_weights_in_memory(distil(str(teacher_path), method, state_dir=str(tmp_path / "state-copy")), single)
+    done = _torchrun([*run, "--out", str(tmp_path / "resumed.safetensors"), *state], tmp_path)
+    assert done.stdout.count("batches trained: 32, sharded: True") == 2  # each process: epochs 2 and 3 only, 16 batches each
+    _assert_same_weights(tmp_path / "resumed.safetensors", single)
 
 
 def test_a_recipe_runs_under_torchrun_and_only_the_main_process_writes(tmp_path):
@@ -49,3 +95,57 @@ def test_a_recipe_runs_under_torchrun_and_only_the_main_process_writes(tmp_path)
     assert runs == ["tiny"], runs
     assert done.stdout.count("report:") == 1  # one summary, from the main process
     assert (tmp_path / "runs" / "tiny" / "results.json").exists()
+
+
+@pytest.mark.parametrize("engine, words", [("FSDP", "set up distributed type NO, as it runs FSDP on GPUs only"),
+                                           ("DEEPSPEED", "which distill does not support: use DDP or FSDP")])
+def test_an_engine_that_cannot_run_is_refused_not_dropped(monkeypatch, engine, words):
+    from distill.errors import UserError
+    from distill.train import make_accelerator
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(UserError, match=words) as e:
+        make_accelerator(cpu=True)
+    assert "\n" not in str(e.value)
+
+
+def test_deepspeed_is_refused_by_fit(digits):
+    from accelerate.utils import DistributedType
+
+    from distill.errors import UserError
+    from distill.methods.supervised import Supervised, SupervisedConfig
+    from distill.recipe import TrainConfig
+    from distill.students import MLPConfig, build_model
+    from distill.train import fit, make_accelerator
+
+    accelerator = make_accelerator(cpu=True)
+
+    class Pretend:  # an Accelerator set up for DeepSpeed, as `accelerate launch` with a DeepSpeed config gives
+        distributed_type = DistributedType.DEEPSPEED
+
+        def __getattr__(self, name):
+            return getattr(accelerator, name)
+
+    model = build_model(MLPConfig(hidden=[4]), digits.input_shape, 10)
+    with pytest.raises(UserError, match="DEEPSPEED, which distill does not support: use DDP or FSDP"):
+        fit(model, Supervised(SupervisedConfig()), digits.train, None, TrainConfig(epochs=1), accelerator=Pretend(), progress=False)
+
+
+def test_a_recipe_runs_under_fsdp_and_saves_whole_weights(tmp_path):
+    from distill.checkpoint import load_model_file
+    from distill.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, distill={"method": "hints", "student_layer": "net.1",
+                                                                      "teacher_layer": "net.1"})))
+    done = _torchrun([str(HERE / "fsdp_recipe_worker.py"), "run", str(recipe), "--quiet"], tmp_path)
+    assert done.stdout.count("report:") == 1
+    run = tmp_path / "runs" / "tiny"
+    for role, hidden in (("teacher", 128), ("student", 16)):
+        state, _ = load_model_file(run / f"{role}.safetensors")
+        assert tuple(state["net.1.weight"].shape) == (hidden, 64)  # gathered, not a shard
+    fsdp = json.loads((run / "results.json").read_text())["models"]
+    assert main(["run", str(recipe), "--quiet", "name=single"]) == 0  # one process, same recipe
+    single = json.loads((tmp_path / "runs" / "single" / "results.json").read_text())["models"]
+    for role in ("teacher", "scratch", "student"):  # the same up to the padded last batch of each epoch
+        assert abs(fsdp[role]["accuracy"] - single[role]["accuracy"]) < 0.03, (role, fsdp[role], single[role])

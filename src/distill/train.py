@@ -7,6 +7,7 @@ the best weights on validation, stops early, and writes a resumable checkpoint a
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,20 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from distill.checkpoint import atomic_write_bytes, load_model_file
-from distill.training_state import has_training_state, load_training_state, save_training_state
+from distill.training_state import (
+    gather_training_state,
+    has_training_state,
+    is_sharded,
+    load_training_state,
+    save_training_state,
+)
 from distill.errors import UserError
 from distill.methods.base import Method
 from distill.tasks.classification import evaluate, random_shift
@@ -40,10 +48,11 @@ class FitResult:
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
     """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True.
 
-    Under `accelerate launch` / torchrun this is data-parallel (DDP; FSDP and DeepSpeed are not supported yet:
-    the runner saves weights from the main process only). batch_size is the GLOBAL batch: every process takes batch_size / num_processes rows of each batch
-    (split_batches), so a recipe trains the same way on any number of processes. A last, incomplete batch is
-    padded from the epoch's first rows (Accelerate's even_batches), the one difference from a single process."""
+    Under `accelerate launch` / torchrun this is data-parallel: DDP, or FSDP when Accelerate's config asks for it
+    (Accelerate runs FSDP on GPUs only; DeepSpeed is not supported). batch_size is the GLOBAL batch: every
+    process takes batch_size / num_processes rows of each batch (split_batches), so a recipe trains the same way
+    on any number of processes. A last, incomplete batch is padded from the epoch's first rows (Accelerate's
+    even_batches), the one difference from a single process."""
     if cpu is None:
         cpu = not torch.cuda.is_available()
     previous = AcceleratorState._shared_state.get("_mixed_precision")
@@ -51,7 +60,28 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Ac
         # Accelerate keeps one global state per process; a later experiment in the same (single) process
         # with another precision, e.g. from the Python API or tests, needs that state rebuilt.
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if _asked_for("DEEPSPEED"):
+        raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED), which distill does not support: "
+                        "use DDP or FSDP (accelerate config)")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if _asked_for("FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate silently falls back to DDP when it cannot set FSDP up (it does so on GPUs only)
+        raise UserError(f"the launch asks for FSDP (ACCELERATE_USE_FSDP) but Accelerate set up distributed type "
+                        f"{accelerator.distributed_type.value}, as it runs FSDP on GPUs only: launch on GPUs, or "
+                        "without FSDP (accelerate config) for DDP")
+    check_engine(accelerator)
+    return accelerator
+
+
+def _asked_for(engine: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"  # set by `accelerate launch`
+
+
+def check_engine(accelerator: Accelerator) -> None:
+    """distill trains under DDP and FSDP; other engines are refused rather than half-working."""
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"Accelerate is set up for {accelerator.distributed_type.value}, which distill does not support: "
+                        "use DDP or FSDP (accelerate config)")
 
 
 def _pass_through(batch):
@@ -118,6 +148,7 @@ def fit(
         raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
                         "inputs: set train.jitter=0 or use the live teacher")
     accelerator = accelerator or make_accelerator()
+    check_engine(accelerator)
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among the "
                         f"{accelerator.num_processes} processes: use a multiple of {accelerator.num_processes}")
@@ -133,10 +164,21 @@ def fit(
     _feed_teacher(getattr(method, "teacher", None), first, first[0])
     method.setup(model, first[0])
     method.modules.to(accelerator.device)
-    params = list(model.parameters()) + list(method.parameters())
-    optimizer = make_optimizer(params, cfg)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    target = model  # what the caller gets back trained: under FSDP a plain module, as with one process
+    if sharded:
+        # FSDP shards a copy in place; its trained weights are gathered back into `model` at the end. FSDP2
+        # shards a model only together with an optimizer, whose parameters it swaps for their shards: that one
+        # is thrown away, and the real one is built over the sharded parameters plus the method's own.
+        model = copy.deepcopy(model)
+        prepared_model, _ = accelerator.prepare(model, make_optimizer(model.parameters(), cfg))
+        optimizer = make_optimizer(list(prepared_model.parameters()) + list(method.parameters()), cfg)
+        prepared_opt, prepared_loader = accelerator.prepare_optimizer(optimizer), accelerator.prepare_data_loader(loader)
+    else:
+        optimizer = make_optimizer(list(model.parameters()) + list(method.parameters()), cfg)
+        prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
+    params = list(prepared_model.parameters()) + list(method.parameters())  # what gradient clipping sees
     scheduler = make_scheduler(optimizer, cfg, len(loader))
-    prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
     raw_model = accelerator.unwrap_model(prepared_model)
     trained = nn.ModuleDict({"student": raw_model, "method": method.modules})  # what a checkpoint holds
 
@@ -208,7 +250,7 @@ def fit(
             improved = not result.history or val["accuracy"] > result.best_val_accuracy
         if improved:
             result.best_epoch, result.best_val_accuracy = epoch, row.get("val_accuracy", float("nan"))
-            best_state = copy.deepcopy(raw_model.state_dict())
+            best_state = full_weights(raw_model)
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -216,15 +258,29 @@ def fit(
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{row.get('val_accuracy', float('nan')):.4f}")
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
-        if state_dir is not None and accelerator.is_main_process:
-            _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stop)
+        if state_dir is not None:
+            gathered = gather_training_state(trained, optimizer) if sharded else None  # under FSDP: every process
+            if accelerator.is_main_process:
+                _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state,
+                            improved, stop, gathered)
         if stop:
             log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
             break
     bar.close()
+    if best_state is None and sharded:
+        best_state = full_weights(raw_model)
     if best_state is not None:
-        raw_model.load_state_dict(best_state)
+        target.load_state_dict(best_state)
     return result
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights as full tensors. Under FSDP the shards are gathered: a collective that
+    every process runs, and every process gets the whole state."""
+    if not is_sharded(model):
+        return copy.deepcopy(model.state_dict())
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {name: t.detach().clone() for name, t in state.items()}
 
 
 def _average_gradients(params, accelerator: Accelerator) -> None:
@@ -257,7 +313,8 @@ def _best_path(state_dir) -> Path:
     return Path(state_dir).parent / f"{Path(state_dir).name}.best.safetensors"
 
 
-def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stopped):
+def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stopped,
+                gathered):
     if improved and best_state is not None:
         # best weights first: a kill between the two writes leaves the older state, and replaying that
         # epoch (deterministic) writes the same best weights again
@@ -271,4 +328,5 @@ def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad
         "bad_epochs": bad_epochs,
         "stopped": stopped,
     }
-    save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch, extra=extra)
+    save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch,
+                        extra=extra, gathered=gathered)

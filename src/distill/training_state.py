@@ -3,9 +3,11 @@
 A training-state folder is replaced as a whole, so a kill at any moment leaves either the previous or the
 new complete checkpoint on disk. Layout::
 
-    model.safetensors      model.state_dict()
-    optimizer.safetensors  tensors of the optimizer ('state.<param_id>.<name>', 'param_groups.<i>.<name>'),
-                           of the scheduler ('scheduler.<...>') and of ``extra`` ('extra.<...>')
+    model.safetensors      the model's full state dict (unsharded, also when trained under FSDP)
+    optimizer.safetensors  tensors of the optimizer ('state.<i>.<name>', 'param_groups.<i>.<name>'), its state
+                           keyed by parameter name (torch.distributed.checkpoint's form, so a checkpoint
+                           does not depend on how the parameters were sharded), of the scheduler
+                           ('scheduler.<...>') and of ``extra`` ('extra.<...>')
     rng.safetensors        torch CPU RNG state ('torch'), CUDA RNG states ('cuda.<i>')
     state.json             everything else, in a typed JSON encoding (written last)
 """
@@ -23,15 +25,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from distill.checkpoint import _fsync_dir, _read_safetensors, _write_safetensors, atomic_write_text, load_weights
 from distill.errors import UserError
 
-__all__ = ["save_training_state", "load_training_state", "has_training_state"]
+__all__ = ["gather_training_state", "has_training_state", "load_training_state", "save_training_state"]
 
 STATE_FORMAT = "distill-training-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: optimizer state keyed by parameter name (1: by parameter id)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -214,10 +224,28 @@ def has_training_state(directory) -> bool:
     return _resolve(Path(directory)) is not None
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True if FSDP (version 1 or 2) shards some of the model's parameters."""
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def gather_training_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) as full tensors keyed by parameter name, ready to save.
+
+    For a model sharded by FSDP this is a collective: every process must call it; the main process gets the
+    tensors, the others empty dicts. For any other model it reads the local tensors (no communication)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def save_training_state(
-    directory, *, model, optimizer, scheduler=None, step: int, epoch: int, extra: dict | None = None
+    directory, *, model, optimizer, scheduler=None, step: int, epoch: int, extra: dict | None = None,
+    gathered: tuple[dict, dict] | None = None,
 ) -> None:
-    """Write a resumable checkpoint to ``directory``, replacing any previous one atomically."""
+    """Write a resumable checkpoint to ``directory``, replacing any previous one atomically.
+
+    gathered: the output of gather_training_state(model, optimizer), for a sharded model, whose state every
+    process had to gather while only the main process saves."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} is a file, not a checkpoint folder; choose another output folder")
@@ -229,14 +257,14 @@ def save_training_state(
     directory.parent.mkdir(parents=True, exist_ok=True)
 
     # Build everything in memory first, so non-JSON-able state fails before anything is touched.
+    model_sd, opt_sd = gathered if gathered is not None else gather_training_state(model, optimizer)
     opt_tensors: dict[str, Tensor] = {}
-    opt_sd = optimizer.state_dict()
     opt_state = {
         "param_groups": _encode(opt_sd["param_groups"], opt_tensors, "param_groups", "optimizer.state_dict()"),
         "state": {
             "__dict__": [
-                [pid, _encode(values, opt_tensors, f"state.{pid}", "optimizer.state_dict()")]
-                for pid, values in opt_sd["state"].items()
+                [name, _encode(values, opt_tensors, f"state.{i}", "optimizer.state_dict()")]
+                for i, (name, values) in enumerate(opt_sd["state"].items())
             ]
         },
     }
@@ -278,7 +306,7 @@ def save_training_state(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_safetensors(tmp / MODEL_FILE, model.state_dict(), {"format": "pt"}, "model.state_dict()")
+        _write_safetensors(tmp / MODEL_FILE, model_sd, {"format": "pt"}, "model.state_dict()")
         _write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, None, "optimizer state")
         _write_safetensors(tmp / RNG_FILE, rng_tensors, None, "RNG state")
         atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks the folder complete
@@ -311,7 +339,8 @@ def save_training_state(
 
 
 def load_training_state(directory, *, model, optimizer, scheduler=None, restore_rng: bool = True) -> dict:
-    """Inverse of :func:`save_training_state`; returns {"step", "epoch", "extra"}."""
+    """Inverse of :func:`save_training_state`; returns {"step", "epoch", "extra"}. Every process calls it; a
+    model sharded by FSDP takes its shards of the saved full tensors."""
     directory = Path(directory)
     folder = _resolve(directory)
     if folder is None:
@@ -348,12 +377,16 @@ def load_training_state(directory, *, model, optimizer, scheduler=None, restore_
         raise bad(str(e) or type(e).__name__) from None
     if not isinstance(opt_sd["state"], dict) or not isinstance(opt_sd["param_groups"], list):
         raise bad("optimizer state has the wrong form")
-    if not all(isinstance(k, int) for k in opt_sd["state"]):
-        raise bad("optimizer state keys are not parameter ids")
+    if not all(isinstance(k, str) for k in opt_sd["state"]):
+        raise bad("optimizer state keys are not parameter names")
 
-    load_weights(model, model_sd, str(folder / MODEL_FILE))
+    if is_sharded(model):
+        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_weights(model, model_sd, str(folder / MODEL_FILE))  # strict, with one-line errors
     try:
-        optimizer.load_state_dict(opt_sd)
+        # strict=False: a parameter that never had a gradient has no optimizer state to restore
+        set_optimizer_state_dict(model, optimizer, opt_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:200]
         raise UserError(
