@@ -1,7 +1,9 @@
 """`distill bench`: every variant trains in its own process and the figures come out as ratios."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +16,8 @@ def test_bench_prints_epoch_times_memory_and_ratios_as_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["epoch_seconds"]) == {"plain", "live", "cached", "student"}
     assert all(t > 0 for t in result["epoch_seconds"].values())
-    assert all(m > 50 for m in result["peak_mb"].values())  # a python process with torch loaded
+    assert all(m > 50 for m in result["start_mb"].values())  # a python process with torch and the data loaded
+    assert all(result["peak_mb"][v] >= 0.99 * result["start_mb"][v] for v in result["peak_mb"])
     e = result["epoch_seconds"]
     assert abs(result["ratios"]["live / plain"] - e["live"] / e["plain"]) < 1e-12
     assert 0 <= result["cache"]["io_fraction"] <= 1 and result["cache"]["bytes"] > result["rows"] * 10 * 4
@@ -37,3 +40,16 @@ def test_the_plain_loop_minimises_the_kd_loss_of_the_kd_method():
     plain_kd_epoch(teacher, student, opt, x, y, 64, 4.0, torch.Generator().manual_seed(0))
     after, _ = kd_loss(student(x), t, y, temperature=4.0, hard_weight=0.1, soft_weight=0.9)
     assert after < ours and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak is resettable on Linux only")
+def test_the_peak_memory_counts_from_the_start_of_training_only():
+    from distill.speed import _peak_memory_mb, _start_memory
+
+    before = torch.ones(50_000_000)  # 200 MB touched and freed before training starts
+    del before
+    start = _start_memory()
+    assert _peak_memory_mb() < start + 100
+    during = torch.ones(50_000_000)  # 200 MB while training
+    assert _peak_memory_mb() > start + 150
+    del during

@@ -5,8 +5,10 @@ Four ways to train the same student on the same rows, same batch size, same mode
   live     distill's loop (Accelerate, the kd method) with the teacher run live
   cached   distill's loop learning from a teacher-output cache (no teacher in memory)
   student  distill's loop with no teacher at all (the floor for the cached run)
-Each runs in its own fresh process (spawned), so its peak memory (resident set size; on CUDA, peak allocated
-memory) is its own; epochs after the first are timed and the median is kept. Variants take turns round after
+Each runs in its own fresh process (spawned). Memory: the resident set size when training starts (data and
+models loaded) and its peak during training (Linux resets the peak at the start through /proc/self/clear_refs;
+elsewhere the peak is the process's whole-life one; on CUDA, allocated memory). Epochs after the first are
+timed and the median is kept. Variants take turns round after
 round so that a slow phase of a shared machine hits them all alike. The ratios are the point: absolute times
 depend on the machine.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_module
+import re
 import resource
 import statistics
 import sys
@@ -67,16 +70,41 @@ def plain_kd_epoch(teacher, student, optimizer, x, y, batch_size: int, temperatu
     return time.perf_counter() - t0
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in MB; None elsewhere."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 / 1e6 if match else None
+
+
+def _start_memory() -> float:
+    """Memory in use as training starts (MB); from here on the peak counts training only (where resettable)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 1e6
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size (VmHWM)
+    except OSError:
+        pass
+    return _status_mb("VmRSS") or 0.0
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e6
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
 
 def run_variant(variant: str, recipe_raw: dict, teacher_path: str | None, cache_dir: str | None,
                 epochs: int, threads: int) -> dict:
-    """Train `epochs` epochs one way in this process; {"epoch_seconds": [...], "peak_mb": x}."""
+    """Train `epochs` epochs one way in this process; {"epoch_seconds": [...], "start_mb": x, "peak_mb": y}."""
     from distill.methods.kd import KD, KDConfig
     from distill.methods.supervised import Supervised, SupervisedConfig
     from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, open_cache
@@ -91,9 +119,10 @@ def run_variant(variant: str, recipe_raw: dict, teacher_path: str | None, cache_
         x, y = rows.x.to(device), rows.y.to(device)
         optimizer = make_optimizer(student.parameters(), cfg)
         generator = torch.Generator().manual_seed(recipe.seed)
+        start = _start_memory()
         seconds = [plain_kd_epoch(teacher, student, optimizer, x, y, cfg.batch_size, temperature, generator)
                    for _ in range(epochs)]
-        return {"epoch_seconds": seconds, "peak_mb": _peak_memory_mb()}
+        return {"epoch_seconds": seconds, "start_mb": start, "peak_mb": _peak_memory_mb()}
     kd = KDConfig(temperature=temperature, hard_weight=0.1, soft_weight=0.9)
     data = rows
     if variant == "live":
@@ -105,9 +134,10 @@ def run_variant(variant: str, recipe_raw: dict, teacher_path: str | None, cache_
     else:
         del teacher
         method = Supervised(SupervisedConfig())
-    result = fit(student, method, data, None, cfg, seed=recipe.seed, accelerator=make_accelerator(recipe.mixed_precision),
-                 progress=False)
-    return {"epoch_seconds": [row["seconds"] for row in result.history], "peak_mb": _peak_memory_mb()}
+    accelerator = make_accelerator(recipe.mixed_precision)
+    start = _start_memory()
+    result = fit(student, method, data, None, cfg, seed=recipe.seed, accelerator=accelerator, progress=False)
+    return {"epoch_seconds": [row["seconds"] for row in result.history], "start_mb": start, "peak_mb": _peak_memory_mb()}
 
 
 def _child(queue, *args):
@@ -154,16 +184,20 @@ def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: i
                  f"({stats['io_seconds'] / stats['total_seconds']:.0%} I/O)")
         times = {v: [] for v in VARIANTS}
         peaks = {v: [] for v in VARIANTS}
+        starts = {v: [] for v in VARIANTS}
         for r in range(rounds):
             for v in VARIANTS:
                 out = _in_fresh_process(v, recipe_raw, teacher_path, cache_dir, epochs + 1, threads)
                 times[v] += out["epoch_seconds"][1:]  # the first epoch warms up allocators and caches
                 peaks[v].append(out["peak_mb"])
-                progress(f"round {r + 1}/{rounds} {v:8s} epoch {statistics.median(out['epoch_seconds'][1:]):.3f} s, peak {out['peak_mb']:.0f} MB")
+                starts[v].append(out["start_mb"])
+                progress(f"round {r + 1}/{rounds} {v:8s} epoch {statistics.median(out['epoch_seconds'][1:]):.3f} s, "
+                         f"memory {out['start_mb']:.0f} MB at the start, peak {out['peak_mb']:.0f} MB")
     epoch = {v: statistics.median(times[v]) for v in VARIANTS}
     return {
         "rows": len(rows), "batch_size": recipe.student.train.batch_size, "threads": threads, "epochs_timed": len(times["plain"]),
         "epoch_seconds": epoch, "all_epoch_seconds": times, "peak_mb": {v: max(peaks[v]) for v in VARIANTS},
+        "start_mb": {v: max(starts[v]) for v in VARIANTS},
         "cache": {"bytes": stats["bytes"], "seconds": stats["total_seconds"], "io_fraction": stats["io_seconds"] / stats["total_seconds"],
                   "teacher_fraction": stats["teacher_seconds"] / stats["total_seconds"], "top_k": top_k},
         "ratios": {"live / plain": epoch["live"] / epoch["plain"], "cached / student": epoch["cached"] / epoch["student"],
@@ -172,11 +206,11 @@ def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: i
 
 
 def format_bench(result: dict) -> str:
-    e, m, r = result["epoch_seconds"], result["peak_mb"], result["ratios"]
+    e, m, s, r = result["epoch_seconds"], result["peak_mb"], result["start_mb"], result["ratios"]
     lines = [f"{result['rows']} rows, batch {result['batch_size']}, {result['threads']} threads, "
              f"median of {result['epochs_timed']} timed epochs per variant",
-             "", f"{'variant':10s} {'epoch s':>9s} {'peak MB':>9s}"]
-    lines += [f"{v:10s} {e[v]:9.3f} {m[v]:9.0f}" for v in VARIANTS]
+             "", f"{'variant':10s} {'epoch s':>9s} {'MB at start':>12s} {'peak MB':>9s}"]
+    lines += [f"{v:10s} {e[v]:9.3f} {s[v]:12.0f} {m[v]:9.0f}" for v in VARIANTS]
     lines += ["", *(f"{k:18s} {v:.3f}" for k, v in r.items()),
               f"cache: {result['cache']['bytes'] / 1e6:.1f} MB written in {result['cache']['seconds']:.1f} s, "
               f"{result['cache']['teacher_fraction']:.0%} teacher forward, {result['cache']['io_fraction']:.0%} I/O"]
