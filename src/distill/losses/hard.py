@@ -54,6 +54,11 @@ def hard_label_loss(
         _check_pair(student_logits, teacher_logits)
 
     y = labels.reshape(-1).to(student_logits.device).long()
+    if y.numel() and not 0 <= ignore_index < num_classes:
+        low, high = (int(v) for v in y.aminmax())
+        if low >= 0 and high < num_classes:  # the common case, every row labelled: one check instead of a dozen ops
+            per_row = torch.nn.functional.cross_entropy(_rows(student_logits), y, reduction="none")
+            return _reduce_rows(per_row, None, leading.numel(), leading, reduction)
     unlabelled = y == ignore_index
     bad = ~unlabelled & ((y < 0) | (y >= num_classes))
     if bool(bad.any()):
@@ -70,7 +75,7 @@ def hard_label_loss(
         target = torch.where(unlabelled, teacher_argmax, target)
         counts = torch.ones_like(counts)
 
-    if bool(counts.all()):  # the common case: no row to drop, so skip the (copying) boolean selection
+    if bool(counts.all()):  # no row to drop (all pseudo-labelled or labelled): skip the (copying) boolean selection
         per_row = torch.nn.functional.cross_entropy(_rows(student_logits), target, reduction="none")
         return _reduce_rows(per_row, None, leading.numel(), leading, reduction)
     log_ps = torch.log_softmax(_rows(student_logits)[counts], dim=-1)
