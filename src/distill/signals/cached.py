@@ -123,13 +123,17 @@ class TeacherCache:
         idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
             raise IndexError(f"cache rows must be a 1-D sequence of integer indices, got shape {idx.shape} {idx.dtype}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
-            raise IndexError(f"cache row indices must be in 0..{self.n_rows - 1}, got {idx.min()}..{idx.max()}")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size:
+            low, high = idx.min(), idx.max()
+            if low < 0 or high >= self.n_rows:
+                raise IndexError(f"cache row indices must be in 0..{self.n_rows - 1}, got {low}..{high}")
         return idx
 
     def _gather(self, kind: str, idx: np.ndarray) -> np.ndarray:
         """Rows `idx` of one kind of file, across shards, in the order asked."""
+        if len(self._starts) == 1:  # one shard (up to 65,536 rows by default): no routing, read on every batch
+            return self._shard(0)[kind][idx]
         dt, shape = layout(self.manifest, kind, len(idx))
         out = np.empty(shape, dtype=dt)
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1
