@@ -65,7 +65,8 @@ def distil(teacher_path: str, method_name: str, cache: str | None = None, engine
     if cache:
         train, signal = CachedDataset(train, open_cache(cache, dataset=train)), CachedTeacher()
     torch.manual_seed(0)
-    student = build_model(MLPConfig(hidden=[16]), data.input_shape, 10)
+    # max_norm: the weight constraint after each step must act on the (under FSDP, sharded) rows alike
+    student = build_model(MLPConfig(hidden=[16], max_norm=0.5), data.input_shape, 10)
     method = build_method(DISTILL_METHODS[method_name].Config(method=method_name, **PARAMS[method_name]), signal)
     method.__class__ = _counted(type(method), kill_at_step)
     accelerator = fsdp_accelerator() if engine == "fsdp" else make_accelerator(cpu=True)

@@ -68,6 +68,8 @@ def test_fsdp_trains_shards_and_resumes_like_one_process(tmp_path, method):
     teacher_path = tmp_path / "teacher.safetensors"
     save_model(teacher_path, build_model(MLPConfig(hidden=[64]), (1, 8, 8), 10), {})
     single = distil(str(teacher_path), method)
+    norms = single.net[1].weight.norm(dim=1)  # the max-norm constraint bites, so FSDP must apply it alike
+    assert norms.max() <= 0.5 + 1e-5 and (norms > 0.499).any()
     run = [str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--method", method, "--engine", "fsdp"]
     done = _torchrun([*run, "--out", str(tmp_path / "fsdp.safetensors")], tmp_path)
     assert done.stdout.count("batches trained: 48, sharded: True") == 2, done.stdout
@@ -109,7 +111,7 @@ def test_an_engine_that_cannot_run_is_refused_not_dropped(monkeypatch, engine, w
     assert "\n" not in str(e.value)
 
 
-def test_deepspeed_is_refused_by_fit(digits):
+def test_deepspeed_and_gradient_accumulation_are_refused_by_fit(digits):
     from accelerate.utils import DistributedType
 
     from distill.errors import UserError
@@ -128,6 +130,9 @@ def test_deepspeed_is_refused_by_fit(digits):
 
     model = build_model(MLPConfig(hidden=[4]), digits.input_shape, 10)
     with pytest.raises(UserError, match="DEEPSPEED, which distill does not support: use DDP or FSDP"):
+        fit(model, Supervised(SupervisedConfig()), digits.train, None, TrainConfig(epochs=1), accelerator=Pretend(), progress=False)
+    Pretend.distributed_type, Pretend.gradient_accumulation_steps = DistributedType.NO, 4
+    with pytest.raises(UserError, match="accumulate gradients over 4 batches"):
         fit(model, Supervised(SupervisedConfig()), digits.train, None, TrainConfig(epochs=1), accelerator=Pretend(), progress=False)
 
 

@@ -89,6 +89,17 @@ def test_max_norm_constraint_holds_after_training(digits):
             assert layer.weight.norm(dim=1).max() <= 0.5 + 1e-5
 
 
+def test_cap_row_norms_equals_torch_renorm():
+    from distill.students.mlp import cap_row_norms
+
+    torch.manual_seed(0)
+    w = torch.randn(20, 7) * torch.linspace(0.1, 3, 20)[:, None]  # rows below and above the cap
+    capped = cap_row_norms(w, 2.0)
+    torch.testing.assert_close(capped, torch.renorm(w, p=2, dim=0, maxnorm=2.0), rtol=0, atol=1e-6)
+    norms = w.norm(dim=1)
+    assert torch.equal(capped[norms <= 2.0], w[norms <= 2.0]) and (norms > 2.0).sum() > 5
+
+
 def test_random_shift_moves_images_within_bounds():
     torch.manual_seed(0)
     x = torch.zeros(64, 1, 8, 8)

@@ -83,6 +83,10 @@ def check_engine(accelerator: Accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UserError(f"Accelerate is set up for {accelerator.distributed_type.value}, which distill does not support: "
                         "use DDP or FSDP (accelerate config)")
+    if accelerator.gradient_accumulation_steps != 1:  # the loop steps on every batch
+        raise UserError(f"Accelerate is set up to accumulate gradients over {accelerator.gradient_accumulation_steps} "
+                        "batches, which distill's loop does not do: set gradient_accumulation_steps 1 and a larger "
+                        "train.batch_size")
 
 
 def _pass_through(batch):

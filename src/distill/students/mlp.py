@@ -47,4 +47,12 @@ class MLP(nn.Module):
             return
         for layer in self.net:
             if isinstance(layer, nn.Linear):
-                layer.weight.copy_(torch.renorm(layer.weight, p=2, dim=0, maxnorm=self.config.max_norm))
+                layer.weight.copy_(cap_row_norms(layer.weight, self.config.max_norm))
+
+
+def cap_row_norms(weight: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Every row scaled to L2 norm <= max_norm, as torch.renorm(weight, 2, 0, max_norm) does: a row of norm
+    n > max_norm is multiplied by max_norm / (n + 1e-7). Written with a row norm and elementwise ops because
+    FSDP's sharded tensors support those and have no renorm."""
+    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+    return weight * torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
