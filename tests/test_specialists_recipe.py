@@ -3,12 +3,15 @@
 import pytest
 
 from conftest import tiny_recipe
+from distill import runner
+from distill.checkpoint import read_model_record
 from distill.errors import UserError
+from distill.methods import kd
 from distill.recipe import validate_recipe
 from distill.runner import run_recipe
 
 
-def test_a_recipe_with_specialists_reports_the_combined_teacher(tmp_path):
+def test_a_recipe_with_specialists_reports_the_combined_teacher_and_resumes_without_retraining(tmp_path, monkeypatch):
     raw = tiny_recipe(tmp_path)
     raw["teacher"]["specialists"] = {"count": 4, "train": {"epochs": 2, "batch_size": 64, "lr": 0.003}}
     results, out = run_recipe(validate_recipe(raw), progress=False)
@@ -19,6 +22,30 @@ def test_a_recipe_with_specialists_reports_the_combined_teacher(tmp_path):
     combined, teacher = results["models"]["teacher+specialists"], results["models"]["teacher"]
     assert combined["params"] > teacher["params"] and combined["accuracy"] > 0.5
     assert "| teacher+specialists |" in (out / "report.md").read_text()
+    for m, classes in enumerate(sets, 1):  # each specialist is saved with its class set
+        assert read_model_record(out / f"specialist{m}.safetensors")["specialist_classes"] == classes
+
+    # killed while the student trains, then resumed: the saved specialists are loaded, not trained again
+    raw["name"] = "killed"
+    original = kd.KD.__call__
+    calls = {"n": 0}
+
+    def dying(self, student, x, y):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return original(self, student, x, y)
+
+    monkeypatch.setattr(kd.KD, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(validate_recipe(raw), progress=False)
+    monkeypatch.setattr(kd.KD, "__call__", original)
+    trained = []
+    monkeypatch.setattr(runner, "train_specialist", lambda *a, **k: trained.append(a) or pytest.fail("retrained"))
+    resumed, _ = run_recipe(validate_recipe(raw), resume=True, progress=False)
+    assert not trained and resumed["specialists"]["class_sets"] == sets
+    for role in ("teacher+specialists", "student"):
+        assert resumed["models"][role]["accuracy"] == results["models"][role]["accuracy"], role
 
 
 @pytest.mark.parametrize("sets, words", [

@@ -27,7 +27,7 @@ from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
-from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialists
+from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
 from distill.students import build_model, model_config_adapter
 from distill.tasks.classification import evaluate
 from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, recipe_rows
@@ -249,7 +249,7 @@ class Experiment:
                 "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
         teacher = models["teacher"].to(accelerator.device) if "teacher" in models else None
         if r.teacher.specialists and {"student"} & set(self.stages):
-            teacher = models["teacher+specialists"] = self._with_specialists(teacher, accelerator)
+            teacher = models["teacher+specialists"] = self._with_specialists(teacher, accelerator, resume)
             seconds["teacher+specialists"] = None
         first = True  # the first distilled stage learns from the cache when there is one
         if "student" in self.stages:
@@ -304,7 +304,7 @@ class Experiment:
         write_report(self.partial, results, histories)
         return results
 
-    def _with_specialists(self, generalist, accelerator) -> GeneralistWithSpecialists:
+    def _with_specialists(self, generalist, accelerator, resume: bool) -> GeneralistWithSpecialists:
         """Hinton et al. 2015 §5: class sets from the generalist's confusions, one specialist per set."""
         spec, r = self.recipe.teacher.specialists, self.recipe
         sets = spec.class_sets
@@ -314,10 +314,26 @@ class Experiment:
                                     for x in self.teacher_rows.x.split(1024)])
             sets = find_class_sets(torch.softmax(logits / spec.temperature, -1), spec.count, seed=r.seed)
         log.info("specialists on class sets %s", sets)
-        build = lambda n: build_model(self._teacher_model_config(), self.data.input_shape, n)  # noqa: E731
+        model_cfg = self._teacher_model_config()
+        build = lambda n: build_model(model_cfg, self.data.input_shape, n)  # noqa: E731
         rows = dataclasses.replace(self.data, train=self.teacher_rows)
-        specialists = train_specialists(generalist, rows, sets, build, spec.train or r.teacher.train, seed=r.seed,
-                                        accelerator=accelerator, progress=self.progress, special_share=spec.special_share)
+        specialists = []
+        for m, classes in enumerate(sets):
+            # specialistN.safetensors: saved in the run, reused by --resume when its class set is the same
+            weights, role = self.partial / f"specialist{m + 1}.safetensors", f"specialist{m + 1}"
+            record = {**model_record(model_cfg, self.data, r), "num_classes": len(classes) + 1, "specialist_classes": classes}
+            if resume and weights.exists() and read_model_record(weights).get("specialist_classes") == classes:
+                log.info("%s: already trained, loading %s", role, weights)
+                model = build(len(classes) + 1)
+                load_weights(model, load_model_file(weights)[0], source=str(weights))
+                specialists.append(model.to(accelerator.device).eval())
+                continue
+            model = train_specialist(generalist, rows, classes, m, build, spec.train or r.teacher.train, seed=r.seed,
+                                     accelerator=accelerator, progress=self.progress, special_share=spec.special_share,
+                                     state_dir=self.partial / "state" / role, resume=resume)
+            if self.main:
+                save_model(weights, model, record)
+            specialists.append(model)
         return GeneralistWithSpecialists(generalist, specialists, sets, spec.top_n)
 
     def _teacher_model_config(self):

@@ -373,37 +373,45 @@ def correct_dustbin_prior(model: nn.Module, num_outputs: int, special_share_trai
 def train_specialists(generalist: nn.Module, data: DataSplits, class_sets, build: Callable[[int], nn.Module], train_cfg, *,
                       seed: int = 0, accelerator=None, progress: bool = False, special_share: float = 0.5,
                       prior_correction: bool = True) -> list[nn.Module]:
-    """One trained specialist per class set (Hinton et al. 2015, §5.2), in eval mode.
+    """One trained specialist per class set (Hinton et al. 2015, §5.2), in eval mode: train_specialist for each."""
+    sets = check_class_sets(class_sets, data.num_classes)
+    return [train_specialist(generalist, data, classes, m, build, train_cfg, seed=seed, accelerator=accelerator,
+                             progress=progress, special_share=special_share, prior_correction=prior_correction)
+            for m, classes in enumerate(sets)]
 
-    For set S: model = build(|S| + 1), initialised from the generalist where parameter names and shapes match
+
+def train_specialist(generalist: nn.Module, data: DataSplits, classes: list[int], index: int,
+                     build: Callable[[int], nn.Module], train_cfg, *, seed: int = 0, accelerator=None,
+                     progress: bool = False, special_share: float = 0.5, prior_correction: bool = True,
+                     state_dir=None, resume: bool = False) -> nn.Module:
+    """The specialist for class set `classes` (the `index`-th set), trained, in eval mode.
+
+    model = build(|S| + 1), initialised from the generalist where parameter names and shapes match
     (copy_matching_weights: with the same architecture that is all but the output layer); trained with
     cross-entropy (Supervised) on specialist_training_set(data.train, S, seed, special_share), choosing the
     best epoch on data.val mapped by specialist_targets (no validation if data.val is empty); then, with
     prior_correction, its dustbin logit is raised by the log odds of the over-sampling (correct_dustbin_prior)
     so its probabilities refer to the data's class frequencies, as the combination of §5.4 assumes.
+    state_dir / resume: a resumable training checkpoint, as in distill.train.fit.
     """
     from distill.methods.supervised import Supervised, SupervisedConfig
     from distill.train import fit
 
-    sets = check_class_sets(class_sets, data.num_classes)
-    labelled = data.train.y[data.train.y != UNLABELLED]
-    trained = []
-    for m, classes in enumerate(sets):
-        with torch.random.fork_rng(devices=[]):  # the new output layer's initial weights depend on seed alone
-            torch.manual_seed(seed * 7919 + m)
-            model = build(len(classes) + 1)
-        copied = copy_matching_weights(generalist, model)
-        log.info("specialist %d %s: %d weight tensors copied from the generalist", m, classes, len(copied))
-        train_set = specialist_training_set(data.train, classes, seed, special_share)
-        val_set = None
-        if len(data.val) > 0:
-            val_set = ArrayDataset(data.val.x, specialist_targets(data.val.y, classes))
-        fit(model, Supervised(SupervisedConfig()), train_set, val_set, train_cfg, seed=seed, accelerator=accelerator,
-            progress=progress, desc=f"specialist {m}")
-        if prior_correction:
-            share_train = float((train_set.y < len(classes)).double().mean())
-            share_data = float(torch.isin(labelled, torch.tensor(classes)).double().mean())
-            if share_data < 1:  # a set that holds every labelled row's class has no dustbin rows to re-weigh
-                correct_dustbin_prior(model, len(classes) + 1, share_train, share_data)
-        trained.append(model.eval())
-    return trained
+    with torch.random.fork_rng(devices=[]):  # the new output layer's initial weights depend on seed alone
+        torch.manual_seed(seed * 7919 + index)
+        model = build(len(classes) + 1)
+    copied = copy_matching_weights(generalist, model)
+    log.info("specialist %d %s: %d weight tensors copied from the generalist", index, classes, len(copied))
+    train_set = specialist_training_set(data.train, classes, seed, special_share)
+    val_set = None
+    if len(data.val) > 0:
+        val_set = ArrayDataset(data.val.x, specialist_targets(data.val.y, classes))
+    fit(model, Supervised(SupervisedConfig()), train_set, val_set, train_cfg, seed=seed, accelerator=accelerator,
+        progress=progress, desc=f"specialist {index}", state_dir=state_dir, resume=resume)
+    if prior_correction:
+        labelled = data.train.y[data.train.y != UNLABELLED]
+        share_train = float((train_set.y < len(classes)).double().mean())
+        share_data = float(torch.isin(labelled, torch.tensor(classes)).double().mean())
+        if share_data < 1:  # a set that holds every labelled row's class has no dustbin rows to re-weigh
+            correct_dustbin_prior(model, len(classes) + 1, share_train, share_data)
+    return model.eval()
