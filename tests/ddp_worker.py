@@ -18,7 +18,7 @@ from distill.methods import DISTILL_METHODS, build_method
 from distill.recipe import TrainConfig
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, open_cache
 from distill.students import MLPConfig, build_model
-from distill.train import fit, make_accelerator
+from distill.train import end_distributed, fit, make_accelerator
 from distill.training_state import is_sharded
 
 ROWS = 1024  # a whole number of global batches: Accelerate pads an incomplete last batch
@@ -105,3 +105,4 @@ if __name__ == "__main__":
     student = distil(args.teacher, args.method, args.cache, args.engine, args.state_dir, args.kill_at_step)
     if torch.distributed.get_rank() == 0:
         safetensors.torch.save_file({k: v.contiguous() for k, v in student.state_dict().items()}, args.out)
+    end_distributed()

@@ -205,14 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         target = "items" if hasattr(args, "items") else "overrides"
         setattr(args, target, [*getattr(args, target), *extra])
+    from distill.train import end_distributed  # under torchrun / accelerate launch: a clean exit for every process
+
     try:
         args.func(args)
     except UserError as e:
+        end_distributed(wait=False)
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        end_distributed(wait=False)
         print("distill: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    end_distributed()
     return 0
 
 

@@ -78,6 +78,18 @@ def _asked_for(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"  # set by `accelerate launch`
 
 
+def end_distributed(wait: bool = True) -> None:
+    """Tear the process group down before the process exits. Left to the interpreter's exit, or torn down while
+    another process still works (the main one writing the run), the threads of a gloo group (seen with FSDP)
+    can abort the process ("terminate called without an active exception") after all the work is done, and
+    the launcher then reports a failure. wait: first let every process reach this point (not after an error,
+    when the others may never arrive)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def check_engine(accelerator: Accelerator) -> None:
     """distill trains under DDP and FSDP; other engines are refused rather than half-working."""
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
