@@ -89,6 +89,17 @@ def test_max_norm_constraint_holds_after_training(digits):
             assert layer.weight.norm(dim=1).max() <= 0.5 + 1e-5
 
 
+def test_resume_refuses_a_checkpoint_without_its_best_weights(digits, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.003)
+    fit(_model(), _Interrupt(at_step=10**9), digits.train, digits.val, cfg.model_copy(update={"epochs": 1}),
+        state_dir=tmp_path / "state", progress=False)
+    (tmp_path / "state.best.safetensors").unlink()
+    with pytest.raises(UserError, match="lost its best-on-validation weights .*state.best.safetensors") as e:
+        fit(_model(), Supervised(SupervisedConfig()), digits.train, digits.val, cfg, state_dir=tmp_path / "state",
+            resume=True, progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_cap_row_norms_equals_torch_renorm():
     from distill.students.mlp import cap_row_norms
 

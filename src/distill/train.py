@@ -211,8 +211,10 @@ def fit(
         start_epoch, step = saved["epoch"] + 1, saved["step"]
         if extra.get("stopped"):
             start_epoch = cfg.epochs + 1  # it had stopped early: nothing left to train
-        if _best_path(state_dir).exists():
-            best_state = load_model_file(_best_path(state_dir))[0]
+        if not _best_path(state_dir).exists():  # written before every checkpoint: without it the best epoch is lost
+            raise UserError(f"{desc}: the checkpoint in {state_dir} has lost its best-on-validation weights "
+                            f"{_best_path(state_dir)}: put that file back, or start afresh without --resume")
+        best_state = load_model_file(_best_path(state_dir))[0]
         log.info("%s: resumed after epoch %d", desc, saved["epoch"])
 
     constrain = getattr(raw_model, "apply_constraints", None)
