@@ -322,10 +322,11 @@ class Experiment:
             # specialistN.safetensors: saved in the run, reused by --resume when its class set is the same
             weights, role = self.partial / f"specialist{m + 1}.safetensors", f"specialist{m + 1}"
             record = {**model_record(model_cfg, self.data, r), "num_classes": len(classes) + 1, "specialist_classes": classes}
-            if resume and weights.exists() and read_model_record(weights).get("specialist_classes") == classes:
+            saved = load_model_file(weights) if resume and weights.exists() else None
+            if saved is not None and saved[1].get("specialist_classes") == classes:
                 log.info("%s: already trained, loading %s", role, weights)
                 model = build(len(classes) + 1)
-                load_weights(model, load_model_file(weights)[0], source=str(weights))
+                load_weights(model, saved[0], source=str(weights))
                 specialists.append(model.to(accelerator.device).eval())
                 continue
             model = train_specialist(generalist, rows, classes, m, build, spec.train or r.teacher.train, seed=r.seed,

@@ -157,6 +157,10 @@ class TeacherCache:
         if self.top_k is None:
             return torch.from_numpy(self._gather("logits", self._rows(indices))).float()
         values, classes, _ = self.topk(indices)
+        return self._in_minus_inf_rows(values, classes)
+
+    def _in_minus_inf_rows(self, values: Tensor, classes: Tensor) -> Tensor:
+        """Top-k logits scattered into rows of -inf: their softmax is the teacher renormalised on its top k."""
         return torch.full((len(values), self.num_classes), float("-inf")).scatter_(1, classes, values)
 
     def features(self, indices, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -177,7 +181,7 @@ class TeacherCache:
             logits = self.logits(indices)
         else:
             values, classes, extras["logsumexp"] = self.topk(indices)
-            logits = torch.full((len(values), self.num_classes), float("-inf")).scatter_(1, classes, values)
+            logits = self._in_minus_inf_rows(values, classes)
         if self.feature_layers:
             extras["features"] = self.features(indices)
         return logits, extras
