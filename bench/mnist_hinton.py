@@ -20,7 +20,8 @@ import torch
 
 from distill.checkpoint import load_model_file
 from distill.recipe import load_recipe
-from distill.runner import build_from_record, load_data, run_recipe
+from distill.runner import run_recipe
+from distill.tasks.classification import build_from_record, load_data
 
 PAPER = {"teacher": 67, "scratch": 146, "student": 74}
 

@@ -23,7 +23,7 @@ from distill.methods.kd import KD, KDConfig
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.methods.topk import TopK, TopKConfig
 from distill.recipe import TrainConfig, load_recipe
-from distill.runner import load_data, load_teacher, model_record
+from distill.tasks.classification import load_data, load_teacher, model_record
 from distill.signals import LiveTeacher
 from distill.signals import CachedDataset, CachedTeacher, open_cache, write_cache
 from distill.signals.cache_format import index_dtype, teacher_sha256

@@ -72,7 +72,7 @@ def test_distiller_api_in_a_users_own_loop(digits, digits_teacher):
 def test_distiller_fit_and_bad_arguments(digits, digits_teacher):
     student = _student(1)
     result = Distiller(digits_teacher, student, temperature=4.0).fit(digits.train, digits.val, epochs=3, batch_size=64, lr=0.003, progress=False)
-    assert len(result.history) == 3 and result.best_val_accuracy > 0.5
+    assert len(result.history) == 3 and result.best_val_score > 0.5
     with pytest.raises(UserError, match="temperature"):
         Distiller(digits_teacher, student, temperature=0)
     with pytest.raises(UserError, match="unknown method"):

@@ -9,7 +9,8 @@ from conftest import tiny_recipe
 from distill.data import ArrayDataset, DataSplits
 from distill.errors import UserError
 from distill.recipe import validate_recipe
-from distill.runner import check_compatible, run_recipe
+from distill.runner import run_recipe
+from distill.tasks.classification import check_compatible
 from distill.students import MLPConfig, build_model
 
 
@@ -61,7 +62,7 @@ def test_bf16_mixed_precision_with_a_bf16_teacher_runs_on_cpu(tmp_path):
 
 
 def test_split_check_ignores_test_fraction_where_the_test_set_is_official():
-    from distill.runner import check_same_split
+    from distill.tasks.classification import check_same_split
 
     mnist = {"dataset": "mnist", "test_fraction": 0.2, "split_seed": 0}
     check_same_split(mnist, {**mnist, "test_fraction": 0.5}, "t.safetensors")  # MNIST's test set is fixed

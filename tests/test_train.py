@@ -66,7 +66,7 @@ def test_best_epoch_weights_are_returned_and_patience_stops(digits):
     result = fit(model, Supervised(SupervisedConfig()), digits.train, digits.val, cfg, progress=False)
     assert len(result.history) < 30  # stopped early
     best = max(h["val_accuracy"] for h in result.history)
-    assert result.best_val_accuracy == best
+    assert result.best_val_score == best
     assert evaluate(model, digits.val)["accuracy"] == pytest.approx(best)  # the best weights, not the last
 
 
@@ -148,7 +148,7 @@ def test_any_dataset_of_pairs_trains_and_validates(digits):
     model = _model()
     result = fit(model, Supervised(SupervisedConfig()), Pairs(digits.train), Pairs(digits.val),
                  TrainConfig(epochs=4, batch_size=64, lr=0.01), progress=False)
-    assert result.best_val_accuracy > 0.8
+    assert result.best_val_score > 0.8
     assert evaluate(model, Pairs(digits.test))["accuracy"] == evaluate(model, digits.test)["accuracy"]
 
 

@@ -112,7 +112,8 @@ def test_bad_transfer_settings_are_one_line(tmp_path):
 
 def test_heldout_students_need_a_teacher_trained_on_the_other_part(tmp_path):
     from distill.checkpoint import save_model
-    from distill.runner import Experiment, model_record
+    from distill.runner import Experiment
+    from distill.tasks.classification import model_record
 
     plain = validate_recipe(tiny_recipe(tmp_path))
     exp = Experiment(plain, stages=("teacher",))

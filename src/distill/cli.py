@@ -56,7 +56,7 @@ def cmd_eval(args):
     from distill.checkpoint import load_model_file, load_weights
     from distill.recipe import DataConfig, apply_overrides, validate_recipe
     from distill.report import format_table, model_card
-    from distill.runner import build_from_record, load_data
+    from distill.tasks.classification import build_from_record, load_data
     from distill.tasks.classification import evaluate
 
     state, record = load_model_file(args.checkpoint)
@@ -78,7 +78,7 @@ def cmd_cache(args):
     import torch
 
     from distill.cache_fit import teacher_layers
-    from distill.runner import load_data, load_teacher
+    from distill.tasks.classification import load_data, load_teacher
     from distill.signals.cache import write_cache, write_summary
     from distill.transfer import recipe_rows
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from distill.errors import UserError
@@ -133,7 +134,7 @@ def probe(model: nn.Module, x: Tensor, names: Sequence[str], role: str = "model"
     model.eval()
     try:
         with capture(model, names, role) as feats:
-            model(x.to(_device(model)))
+            model(send_to_device(x, _device(model)))
     finally:
         for m, training in modes:
             m.train(training)

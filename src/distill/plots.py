@@ -64,7 +64,9 @@ def _color(role: str, others: list[str]) -> str:
 
 def plot_training_curves(histories: dict[str, list[dict]], path) -> Path | None:
     """Two panels (val accuracy vs epoch, train loss vs epoch), one line per role; None if nothing to plot."""
-    panels = [("val_accuracy", "validation accuracy"), ("train_loss", "train loss")]
+    metrics = [k for h in (histories or {}).values() for row in h for k in row if k.startswith("val_") and k != "val_loss"]
+    metric = metrics[0] if metrics else "val_accuracy"  # the task's metric: accuracy, entity_f1, ...
+    panels = [(metric, "validation " + metric[4:].replace("_", " ")), ("train_loss", "train loss")]
     data = {key: {} for key, _ in panels}
     for role in _role_order((histories or {}).keys()):
         for key, _ in panels:

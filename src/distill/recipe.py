@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.data import DATASETS
+from distill.data import DATASETS, TEXT_DATASETS
 from distill.errors import UserError
 from distill.methods import MethodConfigUnion
 from distill.methods.kd import KDConfig
@@ -37,6 +37,21 @@ class DataConfig(_Strict):
     split_seed: int = Field(0, description="seed of the train/val/test split; kept apart from the training seed so "
                                            "runs with different seeds share one test set")
     download: bool = True
+    # text data sets (imdb, text, conll)
+    text_column: str = Field("text", description="text: the column holding the texts")
+    max_length: int = Field(128, ge=8, description="text: tokens per row after the teacher's tokenizer (longer rows are cut)")
+    tokenizer: str | None = Field(None, description="text: tokenizer folder or hub id (default: the teacher's)")
+    train_rows: int | None = Field(None, ge=1, description="text: at most this many training rows (a seeded draw)")
+    val_rows: int | None = Field(None, ge=1, description="text: at most this many validation rows")
+    test_rows: int | None = Field(None, ge=1, description="text: at most this many test rows")
+
+    @model_validator(mode="after")
+    def _text_fields_on_text(self):
+        if self.dataset not in TEXT_DATASETS:
+            given = [f for f in ("tokenizer", "train_rows", "val_rows", "test_rows") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
+        return self
 
 
 class TrainConfig(_Strict):

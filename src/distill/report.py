@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 MEASURE_DEFAULTS = {"latency_batch": 1, "throughput_batch": 256, "repeats": 30, "warmup": 5}
@@ -38,9 +39,12 @@ def size_mb(model: nn.Module, bytes_per_value: int) -> float:
 def _median_forward_seconds(model: nn.Module, example: Tensor, batch_size: int, warmup: int, repeats: int) -> float:
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"batch_size and repeats must be >= 1 and warmup >= 0, got {batch_size}, {repeats}, {warmup}")
-    device = next((t.device for t in [*model.parameters(), *model.buffers()]), example.device)
-    batch = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous().to(device)
-    sync = torch.cuda.synchronize if batch.device.type == "cuda" else (lambda: None)
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    if callable(example):  # a task's inputs (e.g. a dict of token ids) for `batch_size` copies of one example
+        batch = send_to_device(example(batch_size), device)
+    else:
+        batch = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -62,7 +66,7 @@ def _median_forward_seconds(model: nn.Module, example: Tensor, batch_size: int, 
 @torch.inference_mode()
 def measure_latency(model: nn.Module, example: Tensor, *, batch_size: int = 1, warmup: int = 5, repeats: int = 30) -> float:
     """Median wall time in milliseconds of one forward on a batch of `batch_size` copies of `example`
-    (which has no batch dim), model in eval mode, time.perf_counter. Restores the training flags."""
+    (a tensor without batch dim, or a function batch_size -> inputs), model in eval mode, time.perf_counter. Restores the training flags."""
     return _median_forward_seconds(model, example, batch_size, warmup, repeats) * 1e3
 
 

@@ -5,6 +5,7 @@ Everything a user can get wrong is checked before anything is written. The run i
 is never half-written; `resume=True` continues a killed run from its `.partial` folder.
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -16,11 +17,9 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from pydantic import ValidationError
 
 from distill.cache_fit import check_cache_fits
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
-from distill.data import DataSplits, load_dataset
 from distill.errors import UserError
 from distill.methods import build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -29,7 +28,8 @@ from distill.report import format_table, model_card, write_report, write_results
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
 from distill.students import build_model, model_config_adapter
-from distill.tasks.classification import evaluate
+from distill.tasks import make_task
+from distill.tasks.classification import model_record
 from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, recipe_rows
 from distill.train import fit, make_accelerator
 
@@ -37,94 +37,28 @@ log = logging.getLogger("distill")
 ROLES = ("teacher", "scratch", "student")
 
 
-def load_data(recipe: Recipe) -> DataSplits:
-    d = recipe.data
-    return load_dataset(
-        d.dataset, path=d.path, data_dir=d.data_dir, label_column=d.label_column, feature_columns=d.feature_columns,
-        image_size=tuple(d.image_size), grayscale=d.grayscale, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, unlabelled_fraction=d.unlabelled_fraction, seed=d.split_seed, download=d.download,
-    )
+def check_task_fits(task, recipe: Recipe) -> None:
+    """Recipe features that a task cannot do are refused with one line, before anything is loaded or trained."""
+    from distill.methods import REGISTRY
 
-
-def model_record(model_cfg, data: DataSplits, recipe: Recipe) -> dict:
-    """What is stored with the weights so `distill eval` can rebuild the model and its data alone."""
-    return {
-        "model": model_cfg.model_dump(mode="json"),
-        "input_shape": list(data.input_shape),
-        "num_classes": data.num_classes,
-        "class_names": list(data.class_names),
-        "data": recipe.data.model_dump(mode="json"),
-        "transfer": recipe.transfer.model_dump(mode="json"),
-        "seed": recipe.seed,
-    }
-
-
-def build_from_record(record: dict, source: str) -> torch.nn.Module:
-    if "model" not in record:
-        raise UserError(f"{source} has no distill model description in its metadata; it was not written by distill")
-    try:
-        config = model_config_adapter.validate_python(record["model"])
-        return build_model(config, tuple(record["input_shape"]), int(record["num_classes"]))
-    except (ValidationError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"{source}: its model description is invalid ({type(e).__name__}); re-save it with distill") from None
-
-
-def check_compatible(teacher, student, data: DataSplits) -> None:
-    """Teacher and student must map the same inputs to the same label space, and labels must fit it."""
-    x = data.train.x[:2]
-    with torch.inference_mode():
-        t_shape, s_shape = tuple(teacher.eval()(x).shape), tuple(student.eval()(x).shape)
-    teacher.train(), student.train()
-    if t_shape != s_shape:
-        raise UserError(f"teacher outputs shape {t_shape} but student outputs {s_shape}: both must predict the same {data.num_classes} classes")
-    for split in ("train", "val", "test"):
-        y = getattr(data, split).y
-        if len(y) and (int(y.max()) >= s_shape[-1] or int(y.min()) < -1):
-            bad = int(y.max()) if int(y.max()) >= s_shape[-1] else int(y.min())
-            raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
-
-
-SPLIT_FIELDS = ("dataset", "path", "label_column", "feature_columns", "val_fraction", "test_fraction", "split_seed")
-OFFICIAL_TEST_SPLIT = ("mnist", "fashion-mnist")  # their test set is fixed: test_fraction plays no part
-
-
-def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
-    """A teacher trained on another split may have seen our validation or test rows: refuse it."""
-    for key in SPLIT_FIELDS:
-        if key == "test_fraction" and data.get("dataset") in OFFICIAL_TEST_SPLIT:
-            continue
-        if key in teacher_data and teacher_data[key] != data.get(key):
-            raise UserError(
-                f"teacher {path} was trained with data.{key}={teacher_data[key]!r} but the recipe has {data.get(key)!r}: "
-                f"set data.{key}={teacher_data[key]!r} so the teacher never saw the validation or test rows"
-            )
-
-
-def load_teacher(recipe: Recipe, data: DataSplits, path: str) -> torch.nn.Module:
-    """A teacher saved by distill: its stored architecture (else the recipe's), refused if trained on another split."""
-    state, record = load_model_file(path)
-    if "model" in record:
-        check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
-        check_same_teacher_rows(record.get("transfer") or {}, recipe, path)
-        if tuple(record["input_shape"]) != tuple(data.input_shape):
-            raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
-        model = build_from_record(record, path)
-    else:
-        model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
-    load_weights(model, state, source=path)
-    return model
-
-
-def check_same_teacher_rows(teacher_transfer: dict, recipe: Recipe, path: str) -> None:
-    """With held-out transfer rows the teacher must not have trained on the students' rows."""
-    t = recipe.transfer
-    if t.rows != "heldout":
+    method = REGISTRY[recipe.distill.method]
+    if not task.continuous_inputs:
+        if method.needs_continuous_inputs:
+            raise UserError(f"distill.method={method.name} perturbs or differentiates the inputs, which are token ids "
+                            f"in a {task.name} task: choose a method that works on logits or layers (kd, dkd, topk, "
+                            "noisy, hints, mutual, transformer)")
+        for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student), *((f"assistants[{i}]", a) for i, a in enumerate(recipe.assistants))):
+            for train in (cfg.train, getattr(cfg, "distill_train", None)):
+                if train is not None and train.jitter:
+                    raise UserError(f"{role}.train.jitter shifts images by pixels; {task.name} inputs are token ids: set it to 0")
+    if task.name == "classification":
         return
-    if teacher_transfer.get("rows") != "heldout" or teacher_transfer.get("heldout_fraction") != t.heldout_fraction:
-        raise UserError(f"teacher {path} was not trained with transfer.rows=heldout and heldout_fraction={t.heldout_fraction}, "
-                        "so it may have seen the students' held-out rows: train the teacher with this recipe")
+    unsupported = {"teacher.specialists": recipe.teacher.specialists, "teacher.cache": recipe.teacher.cache,
+                   "transfer.omit_classes": recipe.transfer.omit_classes,
+                   "transfer.rows: heldout": recipe.transfer.rows == "heldout"}
+    for key, value in unsupported.items():
+        if value:
+            raise UserError(f"{key} is not available for {task.name} yet (it is for images and tables): remove it")
 
 
 class Experiment:
@@ -143,7 +77,9 @@ class Experiment:
             raise UserError("teacher.cache holds the outputs of an existing teacher, not of one trained in this run: "
                             "use `distill distill RECIPE teacher.cache=DIR` (add --teacher PATH to report the teacher too)")
         # --- everything a user can get wrong, before anything is written ---
-        self.data = load_data(recipe)
+        self.task = make_task(recipe, self.teacher_checkpoint)
+        check_task_fits(self.task, recipe)
+        self.data = self.task.load_data()
         t = recipe.transfer
         bad = [c for c in t.omit_classes if c >= self.data.num_classes]
         if bad:
@@ -162,7 +98,8 @@ class Experiment:
             except UserError as e:
                 raise UserError(f"teacher.specialists.class_sets: {e}") from None
         self.teacher = self._build_teacher()
-        self.student_init = build_model(recipe.student.model, self.data.input_shape, self.data.num_classes)
+        # the student starts from the teacher as loaded (hf-shrink's layers, embeddings): scratch and student alike
+        self.student_init = self.task.build_model(recipe.student.model, self.data, self.teacher)
         self.cache = None
         if cache:  # the teacher network is needed only to check the cache was written by it
             try:
@@ -171,10 +108,10 @@ class Experiment:
                 raise UserError(f"teacher.cache: {e} (`distill cache` with this recipe caches the rows its students learn from)") from None
             check_cache_fits(self.cache, recipe, self.student_rows, self.student_init)
         if not (cache and not self.teacher_given):
-            check_compatible(self.teacher, self.student_init, self.data)
+            self.task.check_compatible(self.teacher, self.student_init, self.data)
         for i, a in enumerate(recipe.assistants, 1):
             try:
-                check_compatible(self.teacher, build_model(a.model, self.data.input_shape, self.data.num_classes), self.data)
+                self.task.check_compatible(self.teacher, self.task.build_model(a.model, self.data, self.teacher), self.data)
             except UserError as e:
                 raise UserError(f"assistants[{i - 1}]: {e}") from None
         self.out = Path(recipe.output_dir) / recipe.name
@@ -198,11 +135,11 @@ class Experiment:
         from teacher.ensemble, the listed checkpoints as one TeacherEnsemble."""
         recipe, data = self.recipe, self.data
         if self.teacher_checkpoint:
-            return load_teacher(recipe, data, self.teacher_checkpoint)
+            return self.task.load_model(self.teacher_checkpoint, data)
         if recipe.teacher.ensemble:
             e = recipe.teacher.ensemble
-            return TeacherEnsemble([load_teacher(recipe, data, p) for p in e.checkpoints], e.weights, e.combine)
-        return build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+            return TeacherEnsemble([self.task.load_model(p, data) for p in e.checkpoints], e.weights, e.combine)
+        return self.task.build_model(recipe.teacher.model, data)
 
     def run(self, resume: bool = False) -> dict:
         if not self.main:
@@ -257,7 +194,7 @@ class Experiment:
             for i, a in enumerate(r.assistants, 1):
                 role = f"assistant{i}"
                 set_seed(r.seed + i)
-                model = build_model(a.model, self.data.input_shape, self.data.num_classes)
+                model = self.task.build_model(a.model, self.data, self.teacher)
                 signal, rows = self._signal(teacher, first)
                 models[role], histories[role], seconds[role], epochs[role] = self._train_role(
                     role, model, a, build_method(r.distill, signal), accelerator, resume, data=rows)
@@ -265,7 +202,7 @@ class Experiment:
         for role in ("scratch", "student"):
             if role not in self.stages:
                 continue
-            model = self._fresh_student()  # both start from the same initial weights: only the teacher differs
+            model = copy.deepcopy(self.student_init)  # both start from the same initial weights: only the teacher differs
             method, rows = Supervised(SupervisedConfig()), self.student_rows
             if role == "student":
                 signal, rows = self._signal(teacher, first)
@@ -279,15 +216,16 @@ class Experiment:
 
         if not self.main:
             return {}  # the main process evaluates, measures and writes
-        results = {"recipe": r.name, "task": "classification", "dataset": self.data.name, "models": {}}
-        example = self.data.test.x[0]
+        task = self.task
+        results = {"recipe": r.name, "task": task.name, "dataset": self.data.name, "models": {}}
+        example = lambda n: task.latency_inputs(self.data, n)  # noqa: E731
         for role, model in models.items():
             model = model.cpu().eval()
-            scores = evaluate(model, self.data.test)
+            scores = dict(task.evaluate(model, self.data.test))
+            score, test_size = scores.pop("score"), scores.pop("n")
             card = model_card(model, example, latency_batch=r.report.latency_batch, throughput_batch=r.report.throughput_batch, repeats=r.report.repeats)
             results["models"][role] = {
-                "metric": "accuracy", "score": scores["accuracy"], "accuracy": scores["accuracy"],
-                "errors": scores["errors"], "test_size": scores["n"], **card,
+                "metric": task.metric, "score": score, **scores, "test_size": test_size, **card,
                 "train_seconds": seconds.get(role), "epochs": epochs.get(role),
             }
             if r.transfer.omit_classes:
@@ -359,28 +297,23 @@ class Experiment:
         corrected.value = float(value)  # reported as the bias
         return corrected
 
-    def _fresh_student(self) -> torch.nn.Module:
-        model = build_model(self.recipe.student.model, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(self.student_init.state_dict())
-        return model
-
     def _train_role(self, role, model, role_cfg, method, accelerator, resume, train=None, data=None):
-        weights = self.partial / f"{role}.safetensors"
-        record = model_record(role_cfg.model, self.data, self.recipe)
+        weights = self.partial / self.task.saved_name(role)
+        record = self.task.record(role_cfg.model, self.data)
         history_file = self.partial / f"{role}.history.json"
         if resume and weights.exists() and history_file.exists():
             log.info("%s: already trained, loading %s", role, weights)
-            load_weights(model, load_model_file(weights)[0], source=str(weights))
+            model = self.task.load_trained(model, weights)
             saved = json.loads(history_file.read_text())
             return model, saved["history"], saved["train_seconds"], len(saved["history"])
         t0 = time.perf_counter()
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
-                     desc=role, progress=self.progress)
-        log.info("%s: best epoch %d (val accuracy %.4f), %.1f s", role, result.best_epoch, result.best_val_accuracy, time.perf_counter() - t0)
+                     desc=role, progress=self.progress, task=self.task)
+        log.info("%s: best epoch %d (val score %.4f), %.1f s", role, result.best_epoch, result.best_val_score, time.perf_counter() - t0)
         model = accelerator.unwrap_model(model)
         if self.main:
-            save_model(weights, model, record)
+            self.task.save_model(model, weights, record)
             atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
         return model, result.history, result.train_seconds, len(result.history)
 

@@ -33,7 +33,7 @@ VARIANTS = ("plain", "live", "cached", "student")
 
 def _setup(recipe_raw: dict, teacher_path: str | None, threads: int):
     from distill.recipe import validate_recipe
-    from distill.runner import load_data, load_teacher
+    from distill.tasks.classification import load_data, load_teacher
     from distill.students import build_model
     from distill.transfer import recipe_rows
 

@@ -33,7 +33,8 @@ from distill.training_state import (
 )
 from distill.errors import UserError
 from distill.methods.base import Method
-from distill.tasks.classification import evaluate, random_shift
+from distill.tasks.base import Task
+from distill.tasks.classification import ClassificationTask, random_shift
 
 log = logging.getLogger("distill")
 
@@ -42,7 +43,7 @@ log = logging.getLogger("distill")
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one dict per epoch
     best_epoch: int = 0
-    best_val_accuracy: float = float("nan")
+    best_val_score: float = float("nan")  # the task's metric (accuracy, entity F1, ...) at the best epoch
     train_seconds: float = 0.0  # time in training steps, summed over epochs (validation excluded)
 
 
@@ -154,13 +155,16 @@ def fit(
     resume: bool = False,
     desc: str = "train",
     progress: bool = True,
+    task: Task | None = None,
 ) -> FitResult:
     """Train `model` with `method`'s loss under the TrainConfig `cfg`; return with the best-on-validation weights.
 
     state_dir: where a resumable checkpoint is written after every epoch (model, optimizer, scheduler, RNG,
     epoch, history); with resume=True an existing one there is continued. val_data=None trains for all epochs
-    and keeps the last weights.
+    and keeps the last weights. task: what the batches and models are and how they are scored (default:
+    classification of in-memory (x, y) rows); its metric picks the best epoch.
     """
+    task = task or ClassificationTask()
     if cfg.jitter and _is_cached(getattr(method, "teacher", None)):
         raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
                         "inputs: set train.jitter=0 or use the live teacher")
@@ -206,7 +210,7 @@ def fit(
         saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
         extra = saved["extra"]
         result.history = extra["history"]
-        result.best_epoch, result.best_val_accuracy = extra["best_epoch"], extra["best_val_accuracy"]
+        result.best_epoch, result.best_val_score = extra["best_epoch"], extra["best_val_score"]
         result.train_seconds, bad_epochs = extra["train_seconds"], extra["bad_epochs"]
         start_epoch, step = saved["epoch"] + 1, saved["step"]
         if extra.get("stopped"):
@@ -269,17 +273,17 @@ def fit(
         row.update({f"train_{k}": float(v) / max(1, n_batches) for k, v in parts_sum.items()})
         improved = True
         if val_data is not None:
-            val = evaluate(prepared_model, val_data, device=accelerator.device)
-            row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-            improved = not result.history or val["accuracy"] > result.best_val_accuracy
+            val = task.evaluate(prepared_model, val_data, device=accelerator.device)
+            row.update({f"val_{task.metric}": val["score"], "val_loss": val["loss"]})
+            improved = not result.history or task.better(val["score"], result.best_val_score)
         if improved:
-            result.best_epoch, result.best_val_accuracy = epoch, row.get("val_accuracy", float("nan"))
+            result.best_epoch, result.best_val_score = epoch, row.get(f"val_{task.metric}", float("nan"))
             best_state = full_weights(raw_model)
             bad_epochs = 0
         else:
             bad_epochs += 1
         result.history.append(row)
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", val_acc=f"{row.get('val_accuracy', float('nan')):.4f}")
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{f"val_{task.metric}": f"{row.get(f'val_{task.metric}', float('nan')):.4f}"})
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if state_dir is not None:
@@ -347,7 +351,7 @@ def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad
     extra = {
         "history": result.history,
         "best_epoch": result.best_epoch,
-        "best_val_accuracy": result.best_val_accuracy,
+        "best_val_score": result.best_val_score,
         "train_seconds": result.train_seconds,
         "bad_epochs": bad_epochs,
         "stopped": stopped,

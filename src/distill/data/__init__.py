@@ -13,9 +13,10 @@ from pathlib import Path
 from distill.data.arrays import ArrayDataset, DataSplits, check_fractions
 from distill.errors import UserError
 
-__all__ = ["load_dataset", "DataSplits", "ArrayDataset", "DATASETS", "resolve_data_dir"]
+__all__ = ["load_dataset", "DataSplits", "ArrayDataset", "DATASETS", "TEXT_DATASETS", "resolve_data_dir"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "table", "image-folder")
+TEXT_DATASETS = ("imdb", "text", "conll")  # loaded by the text tasks (distill.tasks), with the teacher's tokenizer
+DATASETS = ("digits", "mnist", "fashion-mnist", "table", "image-folder", *TEXT_DATASETS)
 
 DEFAULT_DATA_DIR = Path("~/.cache/distill/data")
 
@@ -50,6 +51,9 @@ def load_dataset(name: str, *, path: str | None = None, data_dir: str | None = N
         raise UserError(f"seed must be an integer, got {seed!r}: pass e.g. seed=0.")
     seed = int(seed)
 
+    if key in TEXT_DATASETS:
+        raise UserError(f"dataset {key!r} is text: it is read with the teacher's tokenizer by its task "
+                        "(distill.tasks.make_task(recipe).load_data()), not by load_dataset")
     if key == "digits":
         from distill.data.digits import load_digits_splits
         return load_digits_splits(val_fraction=val_fraction, test_fraction=test_fraction,

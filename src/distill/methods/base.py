@@ -26,6 +26,7 @@ class Method(ABC):
     summary: ClassVar[str]  # one line for `distill methods`
     Config: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = True
+    needs_continuous_inputs: ClassVar[bool] = False  # perturbs or differentiates x (refused on token ids)
 
     def __init__(self, config: MethodConfig, teacher=None):
         self.config = config

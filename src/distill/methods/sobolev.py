@@ -50,6 +50,7 @@ class Sobolev(Method):
     name = "sobolev"
     summary = "Sobolev training (order 1): KD plus matching the teacher's input derivatives along random directions."
     Config = SobolevConfig
+    needs_continuous_inputs = True
 
     def _teacher_network(self) -> nn.Module:
         return teacher_model(self.teacher, "input derivatives").eval()  # a user's loop may have called .train() on everything

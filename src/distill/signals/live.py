@@ -10,6 +10,13 @@ from distill.errors import UserError
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def to_dtype(inputs, dtype: torch.dtype):
+    """The floating tensors of a batch's inputs (a tensor, or a dict of them) in `dtype`; token ids and masks stay."""
+    if isinstance(inputs, dict):
+        return {k: to_dtype(v, dtype) for k, v in inputs.items()}
+    return inputs.to(dtype) if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() else inputs
+
+
 class LiveTeacher:
     """Wraps a teacher network so that calling it gives logits for a batch, with no autograd graph.
 
@@ -32,6 +39,6 @@ class LiveTeacher:
         if any(m.training for m in self.model.modules()):  # a user's loop may have called .train() on everything
             self.model.eval()  # (checked first: eval() walks and sets every module, a cost paid on every batch)
         with torch.inference_mode():
-            logits = self.model(x if self.dtype is None else x.to(self.dtype))
+            logits = self.model(x if self.dtype is None else to_dtype(x, self.dtype))
         # outside inference mode, .float()/.clone() make a normal tensor that autograd may save
         return logits.float() if self.dtype is not None else logits.clone()

@@ -1,17 +1,31 @@
-"""Build a model from its recipe config; the config is stored with the weights so `distill eval` can rebuild it."""
+"""Build a model from its recipe config; the config is stored with the weights so `distill eval` can rebuild it.
+
+`mlp` and `cnn` take images and tables (built here); `hf`, `hf-shrink`, `bilstm` and `textcnn` take text and are
+built by the text tasks (distill.tasks.text), which know the tokenizer and the teacher.
+"""
 
 from typing import Annotated, Union
 
 from pydantic import Field, TypeAdapter
 from torch import nn
 
+from distill.errors import UserError
+from distill.students.bilstm import BiLSTMConfig
 from distill.students.cnn import CNN, CNNConfig
+from distill.students.hf import HFConfig
+from distill.students.hf_shrink import HFShrinkConfig
 from distill.students.mlp import MLP, MLPConfig
+from distill.students.textcnn import TextCNNConfig
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="kind")]
+ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig],
+                        Field(discriminator="kind")]
 model_config_adapter = TypeAdapter(ModelConfig)
 _BUILDERS = {"mlp": MLP, "cnn": CNN}
+TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn")
 
 
-def build_model(config: MLPConfig | CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if config.kind not in _BUILDERS:
+        raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll); for images and tables "
+                        "use mlp or cnn")
     return _BUILDERS[config.kind](config, tuple(input_shape), num_classes)

@@ -1,1 +1,20 @@
-"""Task-specific pieces: batches, metrics, augmentation."""
+"""Tasks: what differs between workloads (see base.py). The data set of a recipe decides its task."""
+
+from distill.tasks.base import Task
+from distill.tasks.classification import ClassificationTask
+
+
+def make_task(recipe, teacher_checkpoint: str | None = None) -> Task:
+    dataset = recipe.data.dataset
+    if dataset in ("imdb", "text"):
+        from distill.tasks.text_classification import TextClassificationTask
+
+        return TextClassificationTask(recipe, teacher_checkpoint)
+    if dataset == "conll":
+        from distill.tasks.tagging import TaggingTask
+
+        return TaggingTask(recipe, teacher_checkpoint)
+    return ClassificationTask(recipe, teacher_checkpoint)
+
+
+__all__ = ["ClassificationTask", "Task", "make_task"]

@@ -1,9 +1,69 @@
-"""Classification: accuracy / error count on labelled rows, and the image jitter used by Hinton's teacher."""
+"""Classification: accuracy / error count on labelled rows, and the image jitter used by Hinton's teacher.
+
+`evaluate` works for any task whose models give one row of logits per label (images, tables, sentences, and
+the counted tokens of a tagger): inputs may be a tensor or a dict of tensors.
+"""
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
+
+from distill.tasks.base import Task
+
+from pydantic import ValidationError
+
+from distill.checkpoint import load_model_file, load_weights
+from distill.data import DataSplits, load_dataset
+from distill.errors import UserError
+from distill.students import build_model, model_config_adapter
+
+
+class ClassificationTask(Task):
+    """Images and tables: x is a float tensor per row, y its class; accuracy picks the best epoch."""
+
+    name = "classification"
+    metric = "accuracy"
+    continuous_inputs = True
+
+    def __init__(self, recipe=None, teacher_checkpoint: str | None = None):
+        self.recipe = recipe
+        self.teacher_checkpoint = teacher_checkpoint
+
+    def evaluate(self, model, data, *, device="cpu", batch_size: int = 1024) -> dict:
+        return evaluate(model, data, batch_size=batch_size, device=device)
+
+    def load_data(self) -> DataSplits:
+        return load_data(self.recipe)
+
+    def build_model(self, model_cfg, data, teacher=None) -> nn.Module:
+        return build_model(model_cfg, data.input_shape, data.num_classes)
+
+    def load_model(self, path: str, data) -> nn.Module:
+        return load_teacher(self.recipe, data, path)
+
+    def check_compatible(self, teacher, student, data) -> None:
+        check_compatible(teacher, student, data)
+
+    def record(self, model_cfg, data) -> dict:
+        return model_record(model_cfg, data, self.recipe)
+
+    def saved_name(self, role: str) -> str:
+        return f"{role}.safetensors"
+
+    def save_model(self, model, path, record: dict) -> None:
+        from distill.checkpoint import save_model
+
+        save_model(path, model, record)
+
+    def load_trained(self, model, path) -> nn.Module:
+        load_weights(model, load_model_file(path)[0], source=str(path))
+        return model
+
+    def latency_inputs(self, data, batch_size: int) -> torch.Tensor:
+        example = data.test.x[0]
+        return example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()
 
 
 @torch.inference_mode()
@@ -14,18 +74,23 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 1024, device: torch
     correct = total = 0
     loss_sum = 0.0
     for x, y in _batches(dataset, batch_size):
-        x, y = x.to(device), y.to(device)
+        x, y = send_to_device(x, device), y.to(device)
         keep = y >= 0
         if not keep.any():
             continue
-        logits = model(x[keep]).float()
+        if keep.all():
+            logits = model(x).float()
+        elif isinstance(x, torch.Tensor):
+            logits = model(x[keep]).float()  # unlabelled rows of images and tables are not run at all
+        else:
+            logits = model(x).float()[keep]  # a dict of sequences: rows are selected after the forward
         loss_sum += F.cross_entropy(logits, y[keep], reduction="sum").item()
         correct += (logits.argmax(-1) == y[keep]).sum().item()
         total += int(keep.sum())
     model.train(was_training)
     if total == 0:
-        return {"accuracy": float("nan"), "errors": 0, "loss": float("nan"), "n": 0}
-    return {"accuracy": correct / total, "errors": total - correct, "loss": loss_sum / total, "n": total}
+        return {"score": float("nan"), "accuracy": float("nan"), "errors": 0, "loss": float("nan"), "n": 0}
+    return {"score": correct / total, "accuracy": correct / total, "errors": total - correct, "loss": loss_sum / total, "n": total}
 
 
 def _batches(data, batch_size: int):
@@ -35,6 +100,9 @@ def _batches(data, batch_size: int):
     elif hasattr(data, "x") and hasattr(data, "y"):
         for start in range(0, len(data.y), batch_size):
             yield data.x[start : start + batch_size], data.y[start : start + batch_size]
+    elif hasattr(data, "__getitems__"):  # datasets that collate a batch themselves (distill.data.text)
+        for start in range(0, len(data), batch_size):
+            yield data.__getitems__(list(range(start, min(start + batch_size, len(data)))))
     else:
         yield from DataLoader(data, batch_size=batch_size)
 
@@ -55,3 +123,94 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# ----------------------------------------------------------------------------- data and models of a recipe
+def load_data(recipe) -> DataSplits:
+    d = recipe.data
+    return load_dataset(
+        d.dataset, path=d.path, data_dir=d.data_dir, label_column=d.label_column, feature_columns=d.feature_columns,
+        image_size=tuple(d.image_size), grayscale=d.grayscale, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, unlabelled_fraction=d.unlabelled_fraction, seed=d.split_seed, download=d.download,
+    )
+
+
+def model_record(model_cfg, data: DataSplits, recipe) -> dict:
+    """What is stored with the weights so `distill eval` can rebuild the model and its data alone."""
+    return {
+        "model": model_cfg.model_dump(mode="json"),
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "data": recipe.data.model_dump(mode="json"),
+        "transfer": recipe.transfer.model_dump(mode="json"),
+        "seed": recipe.seed,
+    }
+
+
+def build_from_record(record: dict, source: str) -> torch.nn.Module:
+    if "model" not in record:
+        raise UserError(f"{source} has no distill model description in its metadata; it was not written by distill")
+    try:
+        config = model_config_adapter.validate_python(record["model"])
+        return build_model(config, tuple(record["input_shape"]), int(record["num_classes"]))
+    except (ValidationError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{source}: its model description is invalid ({type(e).__name__}); re-save it with distill") from None
+
+
+def check_compatible(teacher, student, data: DataSplits) -> None:
+    """Teacher and student must map the same inputs to the same label space, and labels must fit it."""
+    x = data.train.x[:2]
+    with torch.inference_mode():
+        t_shape, s_shape = tuple(teacher.eval()(x).shape), tuple(student.eval()(x).shape)
+    teacher.train(), student.train()
+    if t_shape != s_shape:
+        raise UserError(f"teacher outputs shape {t_shape} but student outputs {s_shape}: both must predict the same {data.num_classes} classes")
+    for split in ("train", "val", "test"):
+        y = getattr(data, split).y
+        if len(y) and (int(y.max()) >= s_shape[-1] or int(y.min()) < -1):
+            bad = int(y.max()) if int(y.max()) >= s_shape[-1] else int(y.min())
+            raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
+
+
+SPLIT_FIELDS = ("dataset", "path", "label_column", "feature_columns", "val_fraction", "test_fraction", "split_seed")
+OFFICIAL_TEST_SPLIT = ("mnist", "fashion-mnist")  # their test set is fixed: test_fraction plays no part
+
+
+def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
+    """A teacher trained on another split may have seen our validation or test rows: refuse it."""
+    for key in SPLIT_FIELDS:
+        if key == "test_fraction" and data.get("dataset") in OFFICIAL_TEST_SPLIT:
+            continue
+        if key in teacher_data and teacher_data[key] != data.get(key):
+            raise UserError(
+                f"teacher {path} was trained with data.{key}={teacher_data[key]!r} but the recipe has {data.get(key)!r}: "
+                f"set data.{key}={teacher_data[key]!r} so the teacher never saw the validation or test rows"
+            )
+
+
+def load_teacher(recipe, data: DataSplits, path: str) -> torch.nn.Module:
+    """A teacher saved by distill: its stored architecture (else the recipe's), refused if trained on another split."""
+    state, record = load_model_file(path)
+    if "model" in record:
+        check_same_split(record.get("data") or {}, recipe.data.model_dump(mode="json"), path)
+        check_same_teacher_rows(record.get("transfer") or {}, recipe, path)
+        if tuple(record["input_shape"]) != tuple(data.input_shape):
+            raise UserError(f"teacher {path} takes inputs shaped {tuple(record['input_shape'])} but {data.name} has {tuple(data.input_shape)}: use a teacher trained on this data")
+        model = build_from_record(record, path)
+    else:
+        model = build_model(recipe.teacher.model, data.input_shape, data.num_classes)
+    load_weights(model, state, source=path)
+    return model
+
+
+def check_same_teacher_rows(teacher_transfer: dict, recipe, path: str) -> None:
+    """With held-out transfer rows the teacher must not have trained on the students' rows."""
+    t = recipe.transfer
+    if t.rows != "heldout":
+        return
+    if teacher_transfer.get("rows") != "heldout" or teacher_transfer.get("heldout_fraction") != t.heldout_fraction:
+        raise UserError(f"teacher {path} was not trained with transfer.rows=heldout and heldout_fraction={t.heldout_fraction}, "
+                        "so it may have seen the students' held-out rows: train the teacher with this recipe")

@@ -1,0 +1,40 @@
+"""What a task is: the few things that differ between workloads, so the loop, methods, signals and report stay one.
+
+A batch is `(inputs, y)`: `inputs` is whatever the task's models take (an image tensor, or a dict of tensors such
+as input_ids / attention_mask / word_mask), `y` the integer labels of the rows that count, -1 for an unlabelled
+row. A model of the task maps `inputs` to logits of exactly those rows, [N, C], in the order of `y`: one row per
+image or sentence, or one row per counted token (padding, special tokens and sub-word continuations never count,
+so they never reach a loss). Every method of the zoo works on those rows unchanged.
+
+A task decides
+  - how data becomes such batches (its datasets collate themselves with `__getitems__`, see distill.data.text),
+  - how models are built, loaded and saved for it (model kinds that fit it, the teacher's tokenizer),
+  - the metric and which value of it is best (`evaluate`, `metric`, `greater_is_better`),
+  - the example input whose latency the report measures (`latency_inputs`),
+  - whether inputs are continuous (methods that perturb or differentiate inputs need that).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the score that picks the best epoch, reported as `metric` in results.json
+    greater_is_better: ClassVar[bool] = True
+    continuous_inputs: ClassVar[bool] = False  # inputs are float tensors that may be jittered or differentiated
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, data, *, device="cpu", batch_size: int = 256) -> dict:
+        """{"score": the metric's value, METRIC: same, "loss": mean cross-entropy, "n": rows or words counted, ...}"""
+
+    @abstractmethod
+    def latency_inputs(self, data, batch_size: int) -> Any:
+        """Inputs of `batch_size` copies of one typical test example, for latency and throughput."""
+
+    def better(self, score: float, best: float) -> bool:
+        return score > best if self.greater_is_better else score < best

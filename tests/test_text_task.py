@@ -1,0 +1,159 @@
+"""Text classification and tagging through the task seam: word alignment, end-to-end runs with tiny transformers
+built from a config (no downloads), saved students that from_pretrained loads, and one-line refusals."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from distill.cli import main
+from distill.data.text import read_conll, tokenize_words
+from distill.errors import UserError
+from distill.recipe import validate_recipe
+from distill.runner import run_recipe
+from text_fixtures import make_bert, make_tokenizer, write_conll, write_sentiment
+
+pytest.importorskip("transformers")
+
+
+def test_first_sub_token_of_each_word_counts_others_are_masked(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    # [CLS] john was play ##ing in paris [SEP]: "playing" is two sub-tokens, only "play" carries its tag
+    data = tokenize_words(tok, [["John", "was", "playing", "in", "Paris"]], [[1, 0, 0, 0, 2]], max_length=32)
+    inputs, y = data.__getitems__([0])
+    assert tok.convert_ids_to_tokens(inputs["input_ids"][0]) == ["[CLS]", "john", "was", "play", "##ing", "in", "paris", "[SEP]"]
+    assert inputs["word_mask"][0].tolist() == [False, True, True, True, False, True, True, False]
+    assert y.tolist() == [1, 0, 0, 0, 2]
+    # a tagger's logits at word_mask line up with y, also when a shorter row is padded beside a longer one
+    two = tokenize_words(tok, [["Mary"], ["John", "was", "playing"]], [[1], [1, 0, 0]], max_length=32)
+    inputs, y = two.__getitems__([0, 1])
+    assert inputs["word_mask"].tolist() == [[False, True, False, False, False, False],
+                                            [False, True, True, True, False, False]]
+    assert inputs["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0] and y.tolist() == [1, 1, 0, 0]
+
+
+def test_words_cut_by_max_length_drop_their_tags(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    data = tokenize_words(tok, [["John", "was", "playing", "in", "Paris"]], [[1, 0, 0, 0, 2]], max_length=5)
+    inputs, y = data.__getitems__([0])  # [CLS] john was play [SEP]: "##ing" cut, "in" and "paris" dropped
+    assert y.tolist() == [1, 0, 0] and int(inputs["word_mask"].sum()) == 3
+
+
+def test_malformed_conll_line_names_its_number(tmp_path):
+    path = tmp_path / "bad.conll"
+    path.write_text("John B-PER\nwas O\n\nParis\tB-LOC\nbroken\n")
+    with pytest.raises(UserError, match="line 5"):
+        read_conll(path)
+
+
+def _text_recipe(tmp_path, student, method=None, **data):
+    make_bert(tmp_path / "bert", layers=4)
+    write_sentiment(tmp_path / "reviews.jsonl", 400)
+    raw = {
+        "name": "text", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "text", "path": str(tmp_path / "reviews.jsonl"), "max_length": 32, **data},
+        "teacher": {"model": {"kind": "hf", "path": str(tmp_path / "bert")},
+                    "train": {"epochs": 12, "batch_size": 16, "lr": 0.002}},
+        "student": {"model": student, "train": {"epochs": 12, "batch_size": 16, "lr": 0.002}},
+        "distill": method or {"method": "kd", "temperature": 2, "hard_weight": 0.5, "soft_weight": 0.5},
+        "report": {"repeats": 2, "throughput_batch": 4},
+    }
+    return raw
+
+
+@pytest.mark.slow
+def test_text_classification_run_shrinks_the_teacher_and_saves_loadable_students(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink", "num_layers": 2},
+                       {"method": "transformer", "temperature": 2, "hard_weight": 0.5, "soft_weight": 0.5,
+                        "attention_weight": 1.0, "embedding_weight": 1.0})
+    results, out = run_recipe(validate_recipe(raw), progress=False)
+    models = results["models"]
+    assert results["task"] == "text-classification" and set(models) == {"teacher", "scratch", "student"}
+    assert models["teacher"]["metric"] == "accuracy" and models["teacher"]["score"] > 0.9
+    assert models["student"]["params"] < models["teacher"]["params"]
+    assert models["student"]["score"] >= models["scratch"]["score"] - 0.05
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "student")  # a plain transformers folder
+    assert hf.config.num_hidden_layers == 2 and hf.config.id2label == {0: "neg", 1: "pos"}
+    assert (out / "student" / "tokenizer.json").is_file()
+    assert "val_accuracy" in json.loads((out / "history.json").read_text())["student"][0]
+    # distill eval reads the folder, with its data and labels from distill.json
+    assert main(["eval", str(out / "student"), "--json"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bilstm", "textcnn"])
+def test_small_text_students_learn_from_the_teachers_tokens(tmp_path, kind):
+    raw = _text_recipe(tmp_path, {"kind": kind, "embedding_dim": 16, **({"hidden": 16} if kind == "bilstm" else {"channels": 16})})
+    results, out = run_recipe(validate_recipe(raw), stages=("teacher", "student"), progress=False)
+    assert results["models"]["student"]["score"] > 0.8
+    assert (out / "student" / "model.safetensors").is_file() and (out / "student" / "distill.json").is_file()
+
+
+@pytest.mark.slow
+def test_tagging_run_scores_entities_and_uses_pseudo_labels(tmp_path):
+    make_bert(tmp_path / "bert", layers=2)
+    raw = {
+        "name": "tags", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "conll", "path": str(write_conll(tmp_path / "conll")), "max_length": 32, "unlabelled_fraction": 0.5},
+        "teacher": {"model": {"kind": "hf", "path": str(tmp_path / "bert")}, "train": {"epochs": 10, "batch_size": 16, "lr": 0.003}},
+        "student": {"model": {"kind": "bilstm", "embedding_dim": 16, "hidden": 16}, "train": {"epochs": 10, "batch_size": 16, "lr": 0.01}},
+        "distill": {"method": "kd", "temperature": 1, "hard_weight": 0.5, "soft_weight": 0.5},
+        "report": {"repeats": 2, "throughput_batch": 4},
+    }
+    results, out = run_recipe(validate_recipe(raw), progress=False)
+    models = results["models"]
+    assert results["task"] == "tagging" and models["teacher"]["metric"] == "entity_f1"
+    assert models["teacher"]["score"] > 0.8 and 0 <= models["student"]["entity_precision"] <= 1
+    # half the sentences are unlabelled: the scratch student skips them, the distilled one learns their pseudo-labels
+    assert models["student"]["score"] >= models["scratch"]["score"] - 0.02
+    record = json.loads((out / "teacher" / "distill.json").read_text())
+    assert record["task"] == "tagging" and record["class_names"][0] == "O"
+
+
+# ------------------------------------------------------------------ one-line refusals, exit status 2
+def _cli(tmp_path, raw, capsys, *args):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()  # what building the fixtures printed
+    code = main(["run", str(path), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "text").exists()
+    return err
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf", "path": str(tmp_path / "other")})
+    make_bert(tmp_path / "other", tokenizer_words=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "y"])
+    assert "must share one tokenizer" in _cli(tmp_path, raw, capsys)
+
+
+def test_label_set_that_disagrees_with_the_head_is_refused(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink", "num_layers": 2})
+    make_bert(tmp_path / "bert", token_level=False, num_labels=3)  # a classifier with a head for 3 labels
+    assert "head for 3 labels but the data has 2" in _cli(tmp_path, raw, capsys)
+
+
+def test_layer_map_to_a_missing_layer_is_refused(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink", "layers": [0, 7]})
+    assert "teacher layer 7 does not exist" in _cli(tmp_path, raw, capsys)
+
+
+def test_path_that_is_not_a_model_is_refused(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink"})
+    raw["teacher"]["model"]["path"] = str(tmp_path)  # a folder, but no model in it
+    assert "no loadable" in _cli(tmp_path, raw, capsys)
+
+
+def test_empty_text_is_refused_with_its_row(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink"})
+    (tmp_path / "reviews.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "  ", "label": "neg"}\n')
+    assert "is empty in row 2" in _cli(tmp_path, raw, capsys)
+
+
+def test_methods_that_need_continuous_inputs_are_refused_on_text(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink"}, {"method": "sobolev"})
+    assert "token ids" in _cli(tmp_path, raw, capsys)
