@@ -157,3 +157,37 @@ def test_empty_text_is_refused_with_its_row(tmp_path, capsys):
 def test_methods_that_need_continuous_inputs_are_refused_on_text(tmp_path, capsys):
     raw = _text_recipe(tmp_path, {"kind": "hf-shrink"}, {"method": "sobolev"})
     assert "token ids" in _cli(tmp_path, raw, capsys)
+
+
+def _tagging_recipe(tmp_path, **data):
+    make_bert(tmp_path / "bert", layers=2)
+    return {
+        "name": "tags", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "conll", "path": str(write_conll(tmp_path / "conll")), "max_length": 32, **data},
+        "teacher": {"model": {"kind": "hf", "path": str(tmp_path / "bert")}, "train": {"epochs": 6, "batch_size": 16, "lr": 0.003}},
+        "student": {"model": {"kind": "textcnn", "embedding_dim": 16, "channels": 16}, "train": {"epochs": 3, "batch_size": 16, "lr": 0.01}},
+        "distill": {"method": "kd", "temperature": 2, "hard_weight": 0.5, "soft_weight": 0.5},
+        "report": {"repeats": 2, "throughput_batch": 4},
+    }
+
+
+@pytest.mark.slow
+def test_tagger_from_a_per_token_cache_equals_the_tagger_from_the_live_teacher(tmp_path):
+    from safetensors.torch import load_file
+
+    raw = _tagging_recipe(tmp_path, unlabelled_fraction=0.3)
+    _, out = run_recipe(validate_recipe(raw), stages=("teacher",), progress=False)
+    recipe = tmp_path / "tags.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    cache = tmp_path / "cache"
+    assert main(["cache", str(recipe), "--teacher", str(out / "teacher"), "--out", str(cache), "--dtype", "float32"]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    words = sum(len(s) - s.count("") for s in [(tmp_path / "conll" / "train.conll").read_text().split("\n")])
+    assert manifest["n_rows"] == words  # one cached row per counted word, none for sub-words, specials or padding
+    students = {}
+    for name, extra in (("live", {}), ("cached", {"cache": str(cache)})):
+        r = {**raw, "name": name, "teacher": {**raw["teacher"], **extra}}
+        _, run = run_recipe(validate_recipe(r), stages=("student",), teacher_checkpoint=str(out / "teacher"), progress=False)
+        students[name] = load_file(run / "student" / "model.safetensors")
+    for key, value in students["live"].items():
+        torch.testing.assert_close(students["cached"][key], value, atol=1e-4, rtol=1e-4)

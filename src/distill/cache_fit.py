@@ -14,6 +14,7 @@ from distill.errors import UserError
 from distill.methods import build_method
 from distill.recipe import Recipe
 from distill.signals import CachedTeacher
+from distill.signals.cache_format import row_counts
 
 _RENORMALISED_KD = ("kl", "soft_ce")  # exact on the teacher renormalised to its top k
 
@@ -44,7 +45,9 @@ def teacher_layers(config) -> list[str]:
 
 def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
     """Refuse, with one line, a cache that cannot serve the recipe's first distilled stage exactly."""
-    x, y = rows.x[:2], rows.y[:2]
+    n = min(2, len(rows))  # the first examples, and the cached rows they own (their words, for a tagger)
+    x, y = (rows.x[:n], rows.y[:n]) if isinstance(getattr(rows, "x", None), torch.Tensor) else rows.__getitems__(list(range(n)))
+    logits, extras = cache.batch(list(range(int(row_counts(rows)[:n].sum()))))
     with torch.inference_mode():
         outputs = student.eval()(x).shape[-1]
     student.train()
@@ -67,7 +70,6 @@ def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
         raise UserError(f"train.jitter={train.jitter} with teacher.cache, whose outputs are of the un-jittered rows: "
                         "set jitter 0 for the distilled stage or remove teacher.cache")
     probe = build_method(method, CachedTeacher())  # methods that need the network refuse here, before any training
-    logits, extras = cache.batch(list(range(len(x))))
     probe.teacher.feed(logits, inputs=x, **extras)
     student = copy.deepcopy(student)  # a forward in train mode would move batch-norm statistics of the real one
     probe.setup(student, x)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from distill.errors import UserError
 
@@ -56,21 +57,29 @@ def cmd_eval(args):
     from distill.checkpoint import load_model_file, load_weights
     from distill.recipe import DataConfig, apply_overrides, validate_recipe
     from distill.report import format_table, model_card
-    from distill.tasks.classification import build_from_record, load_data
-    from distill.tasks.classification import evaluate
+    from distill.tasks import make_task
+    from distill.tasks.classification import build_from_record
+    from distill.tasks.text import read_record
 
-    state, record = load_model_file(args.checkpoint)
-    model = build_from_record(record, args.checkpoint)
-    load_weights(model, state, source=args.checkpoint)
+    folder = Path(args.checkpoint).is_dir()  # a text model: save_pretrained folder with distill.json
+    if folder:
+        record = read_record(args.checkpoint)
+    else:
+        state, record = load_model_file(args.checkpoint)
+        model = build_from_record(record, args.checkpoint)
+        load_weights(model, state, source=args.checkpoint)
     data_raw = apply_overrides({"data": dict(record.get("data") or DataConfig().model_dump(mode="json"))}, args.overrides)
     if args.data_dir:
         data_raw["data"]["data_dir"] = args.data_dir
     recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=args.checkpoint)
-    data = load_data(recipe)
-    scores = evaluate(model.eval(), data.test)
-    card = model_card(model, data.test.x[0])
-    results = {"recipe": args.checkpoint, "task": "classification", "dataset": data.name,
-               "models": {"model": {"metric": "accuracy", "score": scores["accuracy"], **scores, **card}}}
+    task = make_task(recipe, args.checkpoint if folder else None)
+    data = task.load_data()
+    if folder:
+        model = task.load_model(args.checkpoint, data)
+    scores = dict(task.evaluate(model.eval(), data.test))
+    card = model_card(model, lambda n: task.latency_inputs(data, n))
+    results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
+               "models": {"model": {"metric": task.metric, **scores, **card}}}
     print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))
 
 
@@ -78,16 +87,18 @@ def cmd_cache(args):
     import torch
 
     from distill.cache_fit import teacher_layers
-    from distill.tasks.classification import load_data, load_teacher
     from distill.signals.cache import write_cache, write_summary
+    from distill.tasks import make_task
     from distill.transfer import recipe_rows
 
     recipe = _recipe(args)
     teacher_path = args.teacher or recipe.teacher.checkpoint
     if not teacher_path:
-        raise UserError("distill cache needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
-    data = load_data(recipe)
-    teacher = load_teacher(recipe, data, teacher_path)
+        raise UserError("distill cache needs a teacher: pass --teacher PATH (.safetensors, or a text model's folder) "
+                        "or set teacher.checkpoint in the recipe")
+    task = make_task(recipe, teacher_path)
+    data = task.load_data()
+    teacher = task.load_model(teacher_path, data)
     if args.split == "transfer":  # the rows the distilled student learns from (see the recipe's transfer section)
         rows = recipe_rows(recipe, data.train)[1]
     else:
@@ -163,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = recipe_command("distill", cmd_distill, "distil a student from an existing teacher checkpoint")
     d.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     d.add_argument("--no-scratch", action="store_true", help="skip the no-teacher baseline")
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split of its data set")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (.safetensors, or a text model's folder) on the test split of its data set")
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.data_dir=/data")
     e.add_argument("--data-dir")

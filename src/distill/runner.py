@@ -53,8 +53,7 @@ def check_task_fits(task, recipe: Recipe) -> None:
                     raise UserError(f"{role}.train.jitter shifts images by pixels; {task.name} inputs are token ids: set it to 0")
     if task.name == "classification":
         return
-    unsupported = {"teacher.specialists": recipe.teacher.specialists, "teacher.cache": recipe.teacher.cache,
-                   "transfer.omit_classes": recipe.transfer.omit_classes,
+    unsupported = {"teacher.specialists": recipe.teacher.specialists, "transfer.omit_classes": recipe.transfer.omit_classes,
                    "transfer.rows: heldout": recipe.transfer.rows == "heldout"}
     for key, value in unsupported.items():
         if value:

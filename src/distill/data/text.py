@@ -10,6 +10,7 @@ continuations, special tokens and padding never count). Label -1 = unlabelled (a
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,26 @@ class TokenizedText(torch.utils.data.Dataset):
             word_mask[b, self.word_starts[i]] = True
         inputs["word_mask"] = word_mask
         return inputs, torch.cat([self.tags[i] for i in indices])
+
+    def row_counts(self) -> np.ndarray:
+        """Label rows per example: 1 per sentence, or its counted words (what a cache stores per example)."""
+        if self.token_level:
+            return np.array([len(t) for t in self.tags], dtype=np.int64)
+        return np.ones(len(self.ids), dtype=np.int64)
+
+    def sha256(self) -> str:
+        """Of the token ids, labels and counted positions: what identifies the rows a teacher cache was written for."""
+        h = hashlib.sha256()
+        lengths = np.array([len(r) for r in self.ids], dtype=np.int64)
+        h.update(f"tokenized {len(self.ids)} pad {self.pad_id} token_level {self.token_level}\n".encode())
+        h.update(lengths.tobytes())
+        h.update(np.concatenate([np.asarray(r, dtype=np.int64) for r in self.ids]).tobytes())
+        if self.token_level:
+            h.update(np.concatenate([np.asarray(s, dtype=np.int64) for s in self.word_starts] or [np.zeros(0, np.int64)]).tobytes())
+            h.update(torch.cat(self.tags).numpy().astype(np.int64).tobytes())
+        else:
+            h.update(self.y.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()
 
     def subset(self, indices) -> "TokenizedText":
         indices = [int(i) for i in indices]

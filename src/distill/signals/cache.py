@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ from distill.signals.cache_format import (
     VALUE_DTYPES,
     VERSION,
     dataset_sha256,
+    example_inputs,
     differs,
     file_sha256,
     index_dtype,
@@ -36,6 +38,7 @@ from distill.signals.cache_format import (
     layout,
     partial_path,
     read_json,
+    row_counts,
     teacher_sha256,
     tensor_field,
     total_bytes,
@@ -70,13 +73,21 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, top_k: int | None = Non
     if out.name.endswith(".partial"):
         raise UserError(f"the cache folder {out} must not end in .partial (that names half-written caches): choose another name")
     t0 = time.perf_counter()
-    x, n_rows = tensor_field(dataset, "x"), len(tensor_field(dataset, "y"))
-    if n_rows == 0 or len(x) != n_rows:
-        raise UserError(f"the dataset to cache has {len(x)} inputs and {n_rows} labels: it needs rows, as many of each")
+    tensors = isinstance(getattr(dataset, "x", None), Tensor)  # images and tables; else token ids collated per batch
+    if tensors:
+        x, n = tensor_field(dataset, "x"), len(tensor_field(dataset, "y"))
+        if n == 0 or len(x) != n:
+            raise UserError(f"the dataset to cache has {len(x)} inputs and {n} labels: it needs rows, as many of each")
+    elif features:
+        raise UserError("features of a text model are per token and not cached yet: cache logits only (--features with no name)")
+    offsets = np.concatenate([[0], np.cumsum(row_counts(dataset))])  # example i owns rows offsets[i]..offsets[i+1]-1
+    n_rows = int(offsets[-1])
+    if n_rows == 0:
+        raise UserError("the dataset to cache has no rows")
     header = {
         "format": FORMAT, "version": VERSION, "complete": False,
         "teacher_sha256": teacher_sha256(teacher), "dataset_sha256": dataset_sha256(dataset),
-        "n_rows": n_rows, "input_shape": list(x.shape[1:]), "num_classes": None,
+        "n_rows": n_rows, "input_shape": list(x.shape[1:]) if tensors else [], "num_classes": None,
         "top_k": top_k, "value_dtype": dtype, "index_dtype": None,
         "features": features, "feature_shapes": None, "shards": [],
     }
@@ -92,17 +103,19 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, top_k: int | None = Non
     was_training = teacher.training
     teacher.eval().to(device)
     try:
-        done = sum(s["rows"] for s in manifest["shards"])
-        while done < n_rows:
-            rows = min(shard_rows, n_rows - done)
-            entry = _write_shard(teacher, x, manifest, partial, len(manifest["shards"]), done, rows, batch_size, device, stats)
+        first = int(np.searchsorted(offsets, sum(s["rows"] for s in manifest["shards"])))  # first example not stored
+        while first < len(offsets) - 1:
+            last = min(first + shard_rows, len(offsets) - 1)  # shards hold whole examples
+            rows = int(offsets[last] - offsets[first])
+            entry = _write_shard(teacher, dataset, offsets, manifest, partial, len(manifest["shards"]), first, last,
+                                 batch_size, device, stats)
             t_io = time.perf_counter()
             manifest["shards"].append(entry)
             atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
             stats["io_seconds"] += time.perf_counter() - t_io
             stats["rows_computed"] += rows
             stats["shards_computed"] += 1
-            done += rows
+            first = last
     except BaseException:
         if not manifest["shards"]:  # nothing finished: leave no half-written folder behind
             shutil.rmtree(partial, ignore_errors=True)
@@ -168,16 +181,18 @@ def _start_or_resume(partial: Path, header: dict, resume: bool) -> dict:
     return manifest
 
 
-def _write_shard(teacher, x, manifest, partial: Path, index: int, start: int, rows: int, batch_size: int,
-                 device, stats: dict) -> dict:
-    """Compute rows [start, start + rows) into temp files, then move them into place; return the shard entry."""
+def _write_shard(teacher, dataset, offsets, manifest, partial: Path, index: int, first: int, last: int,
+                 batch_size: int, device, stats: dict) -> dict:
+    """Compute the rows of examples [first, last) into temp files, then move them into place; return the shard entry."""
     arrays: dict[str, np.ndarray] = {}
     temps: dict[str, Path] = {}
+    start, rows = int(offsets[first]), int(offsets[last] - offsets[first])
     try:
-        for a in range(start, start + rows, batch_size):
-            b = min(a + batch_size, start + rows)
+        for e in range(first, last, batch_size):
+            e_end = min(e + batch_size, last)
+            a, b = int(offsets[e]), int(offsets[e_end])  # the batch's rows
             t_teacher = time.perf_counter()
-            parts = _teacher_rows(teacher, x[a:b], manifest, a, device)
+            parts = _teacher_rows(teacher, example_inputs(dataset, e, e_end), b - a, manifest, a, device)
             t_io = time.perf_counter()
             stats["teacher_seconds"] += t_io - t_teacher
             if not arrays:  # opened after the first batch: it gives num_classes and the feature shapes
@@ -205,20 +220,20 @@ def _write_shard(teacher, x, manifest, partial: Path, index: int, start: int, ro
     return {"start": start, "rows": rows, "files": files}
 
 
-def _teacher_rows(teacher, xb: Tensor, manifest: dict, first_row: int, device) -> dict[str, np.ndarray]:
-    """The teacher's outputs for one batch, encoded as they are stored (num_classes and the feature shapes are
-    set on the first batch)."""
+def _teacher_rows(teacher, xb, n: int, manifest: dict, first_row: int, device) -> dict[str, np.ndarray]:
+    """The teacher's outputs (n rows) for one batch of inputs, encoded as they are stored (num_classes and the
+    feature shapes are set on the first batch)."""
     layers = manifest["features"]
     with torch.inference_mode(), capture(teacher, layers, role="teacher") as feats:
-        logits = teacher(xb.to(device)).float()
-    where = f"rows {first_row}..{first_row + len(xb) - 1}"
-    if logits.dim() != 2 or logits.shape[0] != len(xb):
-        raise UserError(f"the teacher returned shape {tuple(logits.shape)} for {len(xb)} inputs: a cache needs (rows, classes) logits")
+        logits = teacher(send_to_device(xb, device)).float()
+    where = f"rows {first_row}..{first_row + n - 1}"
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise UserError(f"the teacher returned shape {tuple(logits.shape)} for {n} rows: a cache needs (rows, classes) logits")
     C, k = logits.shape[1], manifest["top_k"]
     shapes = [list(feats[name].shape[1:]) for name in layers]
     for name in layers:
-        if feats[name].dim() < 1 or feats[name].shape[0] != len(xb):
-            raise UserError(f"teacher layer {name!r} gave shape {tuple(feats[name].shape)} for {len(xb)} inputs: "
+        if feats[name].dim() < 1 or feats[name].shape[0] != n:
+            raise UserError(f"teacher layer {name!r} gave shape {tuple(feats[name].shape)} for {n} inputs: "
                             "a cached feature needs one row per input; choose a layer whose output starts with the batch")
     if manifest["num_classes"] is None:
         if k is not None and k > C:

@@ -73,13 +73,32 @@ def teacher_sha256(teacher: nn.Module) -> str:
 
 
 def dataset_sha256(dataset) -> str:
-    """sha256 of the dataset's x and y: shape, dtype and bytes of each, in that order."""
+    """sha256 of the dataset's x and y: shape, dtype and bytes of each, in that order (a dataset of token ids
+    hashes its own contents: distill.data.text.TokenizedText.sha256)."""
+    if callable(getattr(dataset, "sha256", None)):
+        return dataset.sha256()
     h = hashlib.sha256()
     for name in ("x", "y"):
         t = tensor_field(dataset, name).detach().to("cpu").contiguous()
         h.update(f"{name} {tuple(t.shape)} {t.dtype}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def row_counts(dataset) -> np.ndarray:
+    """Teacher output rows per example: 1 for an image, a table row or a sentence; its counted words for a tagger.
+    A cache stores rows in dataset order, so example i owns rows offsets[i]..offsets[i + 1] - 1."""
+    counts = getattr(dataset, "row_counts", None)
+    if callable(counts):
+        return np.asarray(counts(), dtype=np.int64)
+    return np.ones(len(tensor_field(dataset, "y")), dtype=np.int64)
+
+
+def example_inputs(dataset, start: int, stop: int):
+    """The model inputs of examples start..stop - 1: a slice of .x, or a collated batch of a text dataset."""
+    if isinstance(getattr(dataset, "x", None), Tensor):
+        return dataset.x[start:stop]
+    return dataset.__getitems__(list(range(start, stop)))[0]
 
 
 def tensor_field(dataset, name: str) -> Tensor:

@@ -21,8 +21,8 @@ from distill.signals.cache_format import (
     file_sha256,
     layout,
     read_manifest,
+    row_counts,
     teacher_sha256,
-    tensor_field,
 )
 
 __all__ = ["CachedDataset", "CachedTeacher", "TeacherCache", "open_cache"]
@@ -42,7 +42,7 @@ def open_cache(out_dir, *, teacher: nn.Module | None = None, dataset=None, top_k
         raise UserError(f"{path} was written by another teacher (its weights or architecture differ): "
                         "use the cache of this teacher, or write one with `distill cache`")
     if dataset is not None:
-        n = len(tensor_field(dataset, "y"))
+        n = int(row_counts(dataset).sum())
         if n != manifest["n_rows"]:
             raise UserError(f"{path} holds {manifest['n_rows']} rows but the dataset has {n}: use the cache of this dataset and split")
         if dataset_sha256(dataset) != manifest["dataset_sha256"]:
@@ -202,11 +202,14 @@ class CachedDataset(Dataset):
     with it; see distill.train.make_loader). Refuses a cache written for other data."""
 
     def __init__(self, dataset, cache: TeacherCache):
-        n = len(tensor_field(dataset, "y"))
+        counts = row_counts(dataset)
+        n = int(counts.sum())
         if n != cache.n_rows or dataset_sha256(dataset) != cache.manifest["dataset_sha256"]:
             raise UserError(f"the cache {cache.path} was written for other data ({cache.n_rows} rows; this dataset has {n} "
                             "rows or other contents): use the cache of this dataset and split")
         self.dataset, self.cache = dataset, cache
+        self.tensors = isinstance(getattr(dataset, "x", None), Tensor)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])  # example i owns rows offsets[i]..offsets[i+1]-1
 
     @property
     def x(self) -> Tensor:
@@ -217,14 +220,20 @@ class CachedDataset(Dataset):
         return self.dataset.y
 
     def __len__(self) -> int:
-        return self.cache.n_rows
+        return len(self.offsets) - 1
 
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices and bounds as for a list
+        if not self.tensors:
+            return self.__getitems__([i])
         logits, extras = self.cache.batch([i])
         return self.dataset.x[i], self.dataset.y[i], logits[0], _row(extras)
 
     def __getitems__(self, indices):
+        if not self.tensors:  # text: the collated batch, and the cached rows of its examples (words, for a tagger)
+            inputs, y = self.dataset.__getitems__(indices)
+            rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
+            return (inputs, y, *self.cache.batch(rows))
         idx = torch.as_tensor(indices, dtype=torch.long)
         return (self.dataset.x[idx], self.dataset.y[idx], *self.cache.batch(idx))
 
@@ -288,6 +297,6 @@ class CachedTeacher:
         if self._inputs is not None and x is not self._inputs:
             raise UserError("CachedTeacher was asked about inputs other than the batch it was fed: cached outputs exist "
                             "only for the dataset's rows; a method that changes its inputs needs the live teacher")
-        if self._logits.shape[0] != len(x):
+        if isinstance(x, Tensor) and self._logits.shape[0] != len(x):
             raise UserError(f"CachedTeacher holds logits for {self._logits.shape[0]} rows but was asked about {len(x)}: "
                             "feed the logits of this very batch")

@@ -169,10 +169,9 @@ class TextTask(Task):
         from distill.students.hf import HFConfig
 
         path = Path(folder)
-        record_file = path / RECORD
-        if not record_file.is_file():
+        if not (path / RECORD).is_file():
             return self.build_model(HFConfig(path=folder), data)  # a plain transformers folder
-        record = json.loads(record_file.read_text())
+        record = read_record(folder)
         if record.get("task") != self.name:
             raise UserError(f"{folder} is a {record.get('task')} model but this recipe is a {self.name} task: "
                             "use a model trained for this task")
@@ -198,3 +197,18 @@ class TextTask(Task):
 
     def fresh_copy(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
+
+
+def read_record(folder) -> dict:
+    """The distill.json of a text model folder: task, labels, data and model description."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise UserError(f"{folder} has no {RECORD}: it was not written by distill; give a run's model folder "
+                        "(runs/NAME/student) or a .safetensors file")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: re-save the model with distill") from None
+    if not isinstance(record, dict) or "task" not in record or "model" not in record:
+        raise UserError(f"{path} does not describe a distill model (no task or model): re-save it with distill")
+    return record
