@@ -154,3 +154,33 @@ def test_a_recipe_runs_under_fsdp_and_saves_whole_weights(tmp_path):
     single = json.loads((tmp_path / "runs" / "single" / "results.json").read_text())["models"]
     for role in ("teacher", "scratch", "student"):  # the same up to the padded last batch of each epoch
         assert abs(fsdp[role]["accuracy"] - single[role]["accuracy"]) < 0.03, (role, fsdp[role], single[role])
+
+
+def test_text_run_on_two_processes_equals_one(tmp_path):
+    """A whole text-classification run (BERT teacher fine-tuned, teacher logits cached by the main process, KD into
+    a shrunk student) under torchrun: the same teacher and student as in one process."""
+    pytest.importorskip("transformers")
+    from text_fixtures import make_bert, write_sentiment
+
+    make_bert(tmp_path / "bert", layers=2, dropout=0.0)  # no dropout: the processes draw other random numbers
+    write_sentiment(tmp_path / "reviews.jsonl", 320)  # 224 training rows: 14 whole global batches of 16
+    raw = {"name": "text", "data": {"dataset": "text", "path": str(tmp_path / "reviews.jsonl"), "max_length": 32},
+           "teacher": {"model": {"kind": "hf", "path": str(tmp_path / "bert")}, "cache": "auto",
+                       "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},
+           "student": {"model": {"kind": "hf-shrink", "num_layers": 1}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},
+           "distill": {"method": "kd", "temperature": 2}, "report": {"repeats": 1, "throughput_batch": 2}}
+    for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**raw, "name": name, "output_dir": str(tmp_path / "runs")}))
+        if launcher:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([*launcher, "run", str(path), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            _torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
+    for role in ("teacher", "student"):
+        one = safetensors.torch.load_file(tmp_path / "runs" / "one" / role / "model.safetensors")
+        two = safetensors.torch.load_file(tmp_path / "runs" / "two" / role / "model.safetensors")
+        assert set(one) == set(two)
+        for name, value in one.items():
+            torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4)

@@ -191,3 +191,24 @@ def test_tagger_from_a_per_token_cache_equals_the_tagger_from_the_live_teacher(t
         students[name] = load_file(run / "student" / "model.safetensors")
     for key, value in students["live"].items():
         torch.testing.assert_close(students["cached"][key], value, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_auto_cache_trains_the_same_student_as_the_live_teacher_and_leaves_no_cache_behind(tmp_path):
+    from safetensors.torch import load_file
+
+    raw = _tagging_recipe(tmp_path)
+    weights = {}
+    for name, cache in (("live", None), ("auto", "auto")):
+        r = {**raw, "name": name, "teacher": {**raw["teacher"], "cache": cache}}
+        _, out = run_recipe(validate_recipe(r), stages=("teacher", "student"), progress=False)
+        weights[name] = load_file(out / "student" / "model.safetensors")
+        assert not (out / "teacher-cache").exists()
+    for key, value in weights["live"].items():
+        torch.testing.assert_close(weights["auto"][key], value, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_cache_refuses_methods_that_read_the_teacher_network(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink"}, {"method": "transformer"})
+    raw["teacher"]["cache"] = "auto"
+    assert "reads the network" in _cli(tmp_path, raw, capsys)

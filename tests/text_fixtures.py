@@ -43,7 +43,7 @@ def make_tokenizer(folder: Path, words: list[str] | None = None):
 
 
 def make_bert(folder: Path, *, token_level: bool | None = None, num_labels: int = 2, layers: int = 2, hidden: int = 32,
-              heads: int = 2, seed: int = 0, tokenizer_words: list[str] | None = None) -> Path:
+              heads: int = 2, seed: int = 0, tokenizer_words: list[str] | None = None, dropout: float = 0.1) -> Path:
     """A randomly initialised BERT with its tokenizer, in `folder`: a base model (token_level None, like a pretrained
     encoder; a task head is added when it is loaded), or a classifier with a head for num_labels labels."""
     import torch
@@ -52,7 +52,8 @@ def make_bert(folder: Path, *, token_level: bool | None = None, num_labels: int 
     torch.manual_seed(seed)
     tok = make_tokenizer(folder, tokenizer_words)
     config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels)
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     head = {None: BertModel, True: BertForTokenClassification, False: BertForSequenceClassification}[token_level]
     head(config).save_pretrained(folder)
     return folder

@@ -44,11 +44,14 @@ class DataConfig(_Strict):
     train_rows: int | None = Field(None, ge=1, description="text: at most this many training rows (a seeded draw)")
     val_rows: int | None = Field(None, ge=1, description="text: at most this many validation rows")
     test_rows: int | None = Field(None, ge=1, description="text: at most this many test rows")
+    unlabelled_rows: int = Field(0, ge=0, description="imdb / text: this many more rows, disjoint from the splits, "
+                                                      "with their labels hidden: the distilled student's extra transfer set")
 
     @model_validator(mode="after")
     def _text_fields_on_text(self):
         if self.dataset not in TEXT_DATASETS:
             given = [f for f in ("tokenizer", "train_rows", "val_rows", "test_rows") if getattr(self, f) is not None]
+            given += ["unlabelled_rows"] if self.unlabelled_rows else []
             if given:
                 raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
         return self
@@ -110,7 +113,9 @@ class TeacherRole(ModelRole):
     checkpoint: str | None = Field(None, description="a safetensors teacher to load instead of training one")
     ensemble: EnsembleConfig | None = Field(None, description="several trained teachers acting as one")
     specialists: SpecialistsConfig | None = Field(None, description="generalist + specialists (Hinton et al. 2015 §5)")
-    cache: str | None = Field(None, description="a folder written by `distill cache`: the first distilled stage learns "
+    cache: str | None = Field(None, description="`auto`: the teacher's logits over the students' rows are computed once "
+                                                 "in the run folder (exact, for methods that read only logits); or a "
+                                                 "folder written by `distill cache`: the first distilled stage learns "
                                                  "from the stored teacher outputs instead of running the teacher")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="precision of the teacher's forward pass while distilling (fp16/bf16: a half copy, half "

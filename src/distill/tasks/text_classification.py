@@ -53,7 +53,9 @@ class TextClassificationTask(TextTask):
             remap = np.asarray([teacher_names.index(n) for n in names])
             y = np.where(y >= 0, remap[np.maximum(y, 0)], UNLABELLED)
             names = teacher_names
-        train, val, test = _split(y, d)
+        train, val, test, hidden = _split(y, d)
+        y = y.copy()
+        y[hidden] = UNLABELLED  # unlabelled_rows: reviews whose labels no model ever sees
         if len(train) == 0 or len(test) == 0:
             raise UserError(f"{d.dataset}: too few rows for the split (train {len(train)}, test {len(test)}): add data or lower the fractions")
         tok = lambda idx: tokenize_sentences(self.tokenizer, [texts[i] for i in idx], torch.as_tensor(y[idx]), d.max_length)  # noqa: E731
@@ -76,8 +78,10 @@ def _class_names(values: list[str]) -> list[str]:
 
 
 def _split(y: np.ndarray, d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded, stratified train/val/test indices of the labelled rows; unlabelled rows join train. Row caps
-    (train_rows / val_rows / test_rows) are drawn stratified too; IMDB defaults to 4000 / 1000 / 2000."""
+    """Seeded train/val/test indices (test and val stratified by class) of the labelled rows; unlabelled rows join
+    train. Row caps (train_rows / val_rows / test_rows, IMDB defaults 4000 / 1000 / 2000) are seeded draws, and
+    unlabelled_rows more rows, drawn from the labelled rows left over, join train with their labels hidden
+    (returned as the 4th array)."""
     labelled, unlabelled = np.flatnonzero(y >= 0), np.flatnonzero(y < 0)
     caps = {"train": d.train_rows, "val": d.val_rows, "test": d.test_rows}
     if d.dataset == "imdb":
@@ -91,11 +95,16 @@ def _split(y: np.ndarray, d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                       if n_val else (rest, rest[:0]))
     except ValueError as e:
         raise UserError(f"data: cannot split {len(labelled)} labelled rows by class ({e}): add rows or lower val/test sizes") from None
-    train = np.concatenate([train, unlabelled])
-    picked = []
+    rng = np.random.default_rng(d.split_seed)
+    picked = {}
     for name, idx in (("train", train), ("val", val), ("test", test)):
         cap = caps[name]
         if cap is not None and cap < len(idx):
-            idx = np.sort(np.random.default_rng(d.split_seed).choice(idx, cap, replace=False))
-        picked.append(np.sort(idx))
-    return tuple(picked)
+            idx = rng.choice(idx, cap, replace=False)
+        picked[name] = np.sort(idx)
+    extra = np.setdiff1d(train, picked["train"])  # labelled rows left over: the pool of unlabelled_rows
+    if d.unlabelled_rows > len(extra):
+        raise UserError(f"data.unlabelled_rows={d.unlabelled_rows} but only {len(extra)} rows are left beside the splits: "
+                        "lower it or data.train_rows")
+    hidden = np.sort(rng.choice(extra, d.unlabelled_rows, replace=False)) if d.unlabelled_rows else extra[:0]
+    return np.concatenate([picked["train"], unlabelled, hidden]), picked["val"], picked["test"], hidden
