@@ -52,9 +52,9 @@ class TaggingTask(TextTask):
         model.train(was_training)
         if not gold:
             return {"score": float("nan"), "entity_f1": float("nan"), "loss": float("nan"), "n": 0}
-        f1 = f1_score(gold, pred, zero_division=0)
-        return {"score": f1, "entity_f1": f1, "entity_precision": precision_score(gold, pred, zero_division=0),
-                "entity_recall": recall_score(gold, pred, zero_division=0), "token_accuracy": correct / words,
+        f1 = float(f1_score(gold, pred, zero_division=0))
+        return {"score": f1, "entity_f1": f1, "entity_precision": float(precision_score(gold, pred, zero_division=0)),
+                "entity_recall": float(recall_score(gold, pred, zero_division=0)), "token_accuracy": correct / words,
                 "loss": loss_sum / words, "n": words, "sentences": len(gold)}
 
     def load_data(self) -> TextSplits:
