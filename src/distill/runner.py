@@ -87,8 +87,10 @@ class Experiment:
         self.teacher_checkpoint = teacher_checkpoint or recipe.teacher.checkpoint
         self.teacher_given = bool(self.teacher_checkpoint or recipe.teacher.ensemble)  # loaded, not trained here
         cache = recipe.teacher.cache
-        if "teacher" not in self.stages and not self.teacher_given and not cache and {"student"} & set(self.stages):
-            raise UserError("distilling needs a teacher: pass --teacher PATH.safetensors or set teacher.checkpoint in the recipe")
+        stored = cache and cache != "auto"  # a cache written by `distill cache` can stand in for the teacher
+        if "teacher" not in self.stages and not self.teacher_given and not stored and {"student"} & set(self.stages):
+            raise UserError("distilling needs a teacher: pass --teacher PATH (.safetensors, or a text model's folder) "
+                            "or set teacher.checkpoint in the recipe")
         if cache == "auto":
             check_auto_cache(recipe)
         elif cache and "teacher" in self.stages and not self.teacher_given:

@@ -44,6 +44,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one dict per epoch
     best_epoch: int = 0
     best_val_score: float = float("nan")  # the task's metric (accuracy, entity F1, ...) at the best epoch
+    best_val_loss: float = float("nan")
     train_seconds: float = 0.0  # time in training steps, summed over epochs (validation excluded)
 
 
@@ -210,7 +211,9 @@ def fit(
         saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
         extra = saved["extra"]
         result.history = extra["history"]
-        result.best_epoch, result.best_val_score = extra["best_epoch"], extra["best_val_score"]
+        result.best_epoch = extra["best_epoch"]
+        result.best_val_score = extra.get("best_val_score", extra.get("best_val_accuracy"))  # (older checkpoints)
+        result.best_val_loss = extra.get("best_val_loss", float("nan"))
         result.train_seconds, bad_epochs = extra["train_seconds"], extra["bad_epochs"]
         start_epoch, step = saved["epoch"] + 1, saved["step"]
         if extra.get("stopped"):
@@ -275,9 +278,10 @@ def fit(
         if val_data is not None:
             val = task.evaluate(prepared_model, val_data, device=accelerator.device)
             row.update({f"val_{task.metric}": val["score"], "val_loss": val["loss"]})
-            improved = not result.history or task.better(val["score"], result.best_val_score)
+            improved = not result.history or task.better(val["score"], result.best_val_score, val["loss"], result.best_val_loss)
         if improved:
             result.best_epoch, result.best_val_score = epoch, row.get(f"val_{task.metric}", float("nan"))
+            result.best_val_loss = row.get("val_loss", float("nan"))
             best_state = full_weights(raw_model)
             bad_epochs = 0
         else:
@@ -352,6 +356,7 @@ def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad
         "history": result.history,
         "best_epoch": result.best_epoch,
         "best_val_score": result.best_val_score,
+        "best_val_loss": result.best_val_loss,
         "train_seconds": result.train_seconds,
         "bad_epochs": bad_epochs,
         "stopped": stopped,

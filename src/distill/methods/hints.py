@@ -16,6 +16,8 @@ The regressor, built in setup from one forward of both networks on an example ba
     its output matches; pooling keeps r small and also covers a teacher map smaller than the student's);
   * same rank and equal but for the last dim (vectors (N, D), tokens (N, L, D)): a Linear D_s → D_t on the last dim;
   * otherwise both are flattened to (N, ·) and joined by a Linear.
+On text, token features (B, L, D) with the batch's attention_mask are compared only at real tokens (the same mean
+over kept tokens and units as hidden_mse); padding never counts.
 """
 
 import math
@@ -29,6 +31,7 @@ from torch.nn import functional as F
 from distill.features import capture, probe, teacher_forward, teacher_probe
 from distill.losses.feature import hint_loss
 from distill.losses.kd import kd_loss
+from distill.losses.transformer import hidden_mse
 from distill.methods.base import Method, register
 from distill.methods.kd import KDConfig
 
@@ -86,7 +89,7 @@ class Hints(Method):
         c = self.config
         s = probe(student, example, [c.student_layer], "student")[c.student_layer]
         t = teacher_probe(self.teacher, example, [c.teacher_layer])[c.teacher_layer]
-        self.modules["regressor"] = HintRegressor(tuple(s.shape), tuple(t.shape)).to(example.device)
+        self.modules["regressor"] = HintRegressor(tuple(s.shape), tuple(t.shape)).to(s.device)
 
     def __call__(self, student, x, y):
         c = self.config
@@ -99,7 +102,12 @@ class Hints(Method):
         teacher_logits, teacher_feats = teacher_forward(self.teacher, x, [c.teacher_layer])
         with capture(student, [c.student_layer], "student") as feats:
             student_logits = student(x)
-        hint = hint_loss(regressor(feats[c.student_layer]), regressor.target(teacher_feats[c.teacher_layer]))
+        regressed, target = regressor(feats[c.student_layer]), regressor.target(teacher_feats[c.teacher_layer])
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        if mask is not None and regressed.dim() == 3 and regressed.shape[:2] == mask.shape:
+            hint = hidden_mse(regressed, target, mask)  # token features [B, L, D]: padding positions never count
+        else:
+            hint = hint_loss(regressed, target)
         if self.epoch <= c.hint_epochs:
             return hint, {"hint": hint.detach()}
         loss, parts = kd_loss(

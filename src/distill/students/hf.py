@@ -94,7 +94,10 @@ def load_hf(cfg: HFConfig, *, token_level: bool, class_names: list[str]) -> HFMo
     import transformers
 
     config = load_config(cfg.path, cfg.trust_remote_code)
-    check_head(config, class_names, cfg.path)
+    names = check_head(config, class_names, cfg.path)
+    if names and names != list(class_names):  # from_pretrained would relabel the rows of the head, not permute them
+        raise UserError(f"{cfg.path} predicts labels in the order {names} but this run uses {list(class_names)} (the "
+                        "teacher's): fine-tune it with the teacher's label order, or start from a base model")
     path = resolve_model_path(cfg.path)
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {n: i for i, n in enumerate(class_names)}}

@@ -41,5 +41,9 @@ class Task(ABC):
         """The rows a model trained without a teacher learns from (the teacher, the scratch student)."""
         return rows
 
-    def better(self, score: float, best: float) -> bool:
+    tie_break_on_loss: ClassVar[bool] = False  # an equal score with a lower validation loss counts as better
+
+    def better(self, score: float, best: float, loss: float = float("nan"), best_loss: float = float("nan")) -> bool:
+        if score == best and self.tie_break_on_loss:
+            return loss < best_loss  # e.g. entity F1 stuck at 0 while a tagger still learns to predict "O"
         return score > best if self.greater_is_better else score < best

@@ -175,7 +175,8 @@ def check_compatible(teacher, student, data: DataSplits) -> None:
             raise UserError(f"{split} label {bad} is out of range for a model with {s_shape[-1]} outputs: labels must be 0..{s_shape[-1] - 1} (or -1 for unlabelled)")
 
 
-SPLIT_FIELDS = ("dataset", "path", "label_column", "feature_columns", "val_fraction", "test_fraction", "split_seed")
+SPLIT_FIELDS = ("dataset", "path", "label_column", "feature_columns", "val_fraction", "test_fraction", "split_seed",
+                "text_column", "train_rows", "val_rows", "test_rows", "unlabelled_rows")  # (text: rows drawn by seed)
 OFFICIAL_TEST_SPLIT = ("mnist", "fashion-mnist")  # their test set is fixed: test_fraction plays no part
 
 

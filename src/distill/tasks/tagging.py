@@ -8,6 +8,7 @@ its tag and is the only one that counts (distill.data.text). Evaluation is on th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class TaggingTask(TextTask):
     name = "tagging"
     metric = "entity_f1"
     token_level = True
+    tie_break_on_loss = True
 
     @torch.inference_mode()
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 128) -> dict:
@@ -63,6 +65,10 @@ class TaggingTask(TextTask):
             raise UserError("data.dataset conll needs data.path: a CoNLL file or a folder with train/valid/test files")
         parts = _read_parts(Path(d.path).expanduser(), d)
         tags = sorted({t for _, sentence_tags in parts.values() for s in sentence_tags for t in s})
+        bad = [t for t in tags if t != "O" and not re.fullmatch(r"[BIESLU]-\S+", t)]
+        if bad:
+            raise UserError(f"{d.path}: tag {bad[0]!r} is not an entity tag: entity F1 needs O and B-/I- (or E-/S-) "
+                            "prefixed tags such as B-PER, I-PER")
         names = ["O", *[t for t in tags if t != "O"]] if "O" in tags else tags
         teacher_names = self.teacher_label_names()
         if teacher_names:  # a fine-tuned teacher's tag order wins; tags it does not know are refused

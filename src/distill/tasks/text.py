@@ -35,6 +35,7 @@ class TextTask(Task):
         self.recipe = recipe
         self.teacher_checkpoint = teacher_checkpoint
         self._tokenizer = None
+        self._saved_vocab: int | None = None  # embedding rows of a small model being loaded (see load_model)
 
     # ------------------------------------------------------------------ tokenizer
     def tokenizer_path(self) -> str:
@@ -61,8 +62,10 @@ class TextTask(Task):
         from distill.students.hf import check_head, load_config
 
         source = self.teacher_checkpoint or (self.recipe.teacher.model.path if getattr(self.recipe.teacher.model, "kind", None) == "hf" else None)
-        if not source or (Path(source) / RECORD).is_file():
-            return None  # a distill folder keeps its labels in distill.json, checked when it is loaded
+        if not source:
+            return None
+        if (Path(source) / RECORD).is_file():
+            return list(read_record(source)["class_names"])  # a model saved by distill: its label order
         config = load_config(source)
         names = [config.id2label[i] for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
         return check_head(config, names, source) if names else None
@@ -101,6 +104,7 @@ class TextTask(Task):
             embeddings = teacher.hf.get_input_embeddings().weight.detach()
             vocab = embeddings.shape[0]
         embeddings = embeddings if model_cfg.init_embeddings else None
+        vocab = self._saved_vocab or vocab  # a saved model is rebuilt with the rows it was trained with
         cls = BiLSTMText if model_cfg.kind == "bilstm" else TextCNN
         return cls(model_cfg, vocab_size=vocab, num_classes=data.num_classes,
                    pad_id=self.tokenizer.pad_token_id, token_level=self.token_level, teacher_embeddings=embeddings)
@@ -160,6 +164,7 @@ class TextTask(Task):
         if hasattr(model, "hf"):
             model.hf.save_pretrained(tmp, safe_serialization=True)
         else:
+            record = {**record, "vocab_size": model.embedding.num_embeddings}
             save_model(tmp / "model.safetensors", model, record)
         self.tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / RECORD, json.dumps(record, indent=1))
@@ -187,7 +192,11 @@ class TextTask(Task):
         config = model_config_adapter.validate_python(record["model"])
         if config.kind == "hf":
             return self.build_model(HFConfig(path=folder), data)
-        model = self.build_model(config, data)
+        self._saved_vocab = record.get("vocab_size")  # the teacher's embedding rows may exceed the tokenizer's
+        try:
+            model = self.build_model(config, data)
+        finally:
+            self._saved_vocab = None
         load_weights(model, load_model_file(path / "model.safetensors")[0], source=str(path))
         return model
 
