@@ -156,15 +156,21 @@ def test_a_recipe_runs_under_fsdp_and_saves_whole_weights(tmp_path):
         assert abs(fsdp[role]["accuracy"] - single[role]["accuracy"]) < 0.03, (role, fsdp[role], single[role])
 
 
-def test_text_run_on_two_processes_equals_one(tmp_path):
-    """A whole text-classification run (BERT teacher fine-tuned, teacher logits cached by the main process, KD into
-    a shrunk student) under torchrun: the same teacher and student as in one process."""
+@pytest.mark.parametrize("task", ["text-classification", "tagging"])
+def test_text_run_on_two_processes_equals_one(tmp_path, task):
+    """A whole text run (BERT teacher fine-tuned, teacher logits cached by the main process, KD into a shrunk
+    student) under torchrun: the same teacher and student as in one process. Tagging: the processes hold
+    different numbers of words in a step, weighted by their share."""
     pytest.importorskip("transformers")
-    from text_fixtures import make_bert, write_sentiment
+    from text_fixtures import make_bert, write_conll, write_sentiment
 
     make_bert(tmp_path / "bert", layers=2, dropout=0.0)  # no dropout: the processes draw other random numbers
-    write_sentiment(tmp_path / "reviews.jsonl", 320)  # 224 training rows: 14 whole global batches of 16
-    raw = {"name": "text", "data": {"dataset": "text", "path": str(tmp_path / "reviews.jsonl"), "max_length": 32},
+    if task == "tagging":  # 224 training sentences: 14 whole global batches of 16
+        data = {"dataset": "conll", "path": str(write_conll(tmp_path / "conll", sizes=(224, 32, 32))), "max_length": 32}
+    else:
+        write_sentiment(tmp_path / "reviews.jsonl", 320)  # 224 training rows: 14 whole global batches of 16
+        data = {"dataset": "text", "path": str(tmp_path / "reviews.jsonl"), "max_length": 32}
+    raw = {"name": "text", "data": data,
            "teacher": {"model": {"kind": "hf", "path": str(tmp_path / "bert")}, "cache": "auto",
                        "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},
            "student": {"model": {"kind": "hf-shrink", "num_layers": 1}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},

@@ -224,6 +224,9 @@ def fit(
         best_state = load_model_file(_best_path(state_dir))[0]
         log.info("%s: resumed after epoch %d", desc, saved["epoch"])
 
+    # examples own different numbers of label rows (a tagger's words): each process's per-row mean is weighted by
+    # its share of the step's rows, so DDP's average of gradients is the mean over all rows, as with one process
+    share_rows = task.variable_rows and accelerator.num_processes > 1
     constrain = getattr(raw_model, "apply_constraints", None)
     # Accelerate's optimizer wrapper and autocast only matter for fp16 loss scaling and mixed precision (distill
     # uses neither gradient accumulation nor XLA); the wrapper's step also looks up optional packages on every
@@ -248,6 +251,8 @@ def fit(
                 x = random_shift(x, cfg.jitter)
             with autocast():
                 loss, parts = method(prepared_model, x, y)
+            if share_rows:
+                loss = loss * _row_share(y, accelerator)
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
                 _average_gradients(method.parameters(), accelerator)
@@ -313,6 +318,12 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         return copy.deepcopy(model.state_dict())
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {name: t.detach().clone() for name, t in state.items()}
+
+
+def _row_share(y: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """num_processes x (this process's rows / all processes' rows) for this step: 1 when the rows are shared evenly."""
+    rows = torch.tensor(float(y.numel()), device=y.device)
+    return rows * accelerator.num_processes / accelerator.reduce(rows.clone(), reduction="sum").clamp_min(1.0)
 
 
 def _average_gradients(params, accelerator: Accelerator) -> None:

@@ -28,6 +28,7 @@ class Task(ABC):
     greater_is_better: ClassVar[bool] = True
     continuous_inputs: ClassVar[bool] = False  # inputs are float tensors that may be jittered or differentiated
     inference_batch: ClassVar[int] = 1024  # rows per forward pass when a model is only evaluated or cached
+    variable_rows: ClassVar[bool] = False  # examples own different numbers of label rows (a tagger's words)
 
     @abstractmethod
     def evaluate(self, model: nn.Module, data, *, device="cpu", batch_size: int = 256) -> dict:

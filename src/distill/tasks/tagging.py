@@ -29,6 +29,7 @@ class TaggingTask(TextTask):
     metric = "entity_f1"
     token_level = True
     tie_break_on_loss = True
+    variable_rows = True
 
     @torch.inference_mode()
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 128) -> dict:
