@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from distill.errors import UserError
-from distill.students.bilstm import BiLSTMConfig, BiLSTMText, embedding_from_teacher
+from distill.students.bilstm import BiLSTMConfig, BiLSTMText
+from distill.students.text_embeddings import embedding_from_teacher
 from distill.students.textcnn import TextCNN, TextCNNConfig
 
 PAD = 0

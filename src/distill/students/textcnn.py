@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
-from distill.students.bilstm import embedding_from_teacher
+from distill.students.text_embeddings import embedding_from_teacher
 
 
 class TextCNNConfig(BaseModel):
