@@ -208,21 +208,7 @@ def fit(
     best_state = None
     start_epoch, step, bad_epochs = 1, 0, 0
     if resume and state_dir is not None and has_training_state(state_dir):
-        saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
-        extra = saved["extra"]
-        result.history = extra["history"]
-        result.best_epoch = extra["best_epoch"]
-        result.best_val_score = extra.get("best_val_score", extra.get("best_val_accuracy"))  # (older checkpoints)
-        result.best_val_loss = extra.get("best_val_loss", float("nan"))
-        result.train_seconds, bad_epochs = extra["train_seconds"], extra["bad_epochs"]
-        start_epoch, step = saved["epoch"] + 1, saved["step"]
-        if extra.get("stopped"):
-            start_epoch = cfg.epochs + 1  # it had stopped early: nothing left to train
-        if not _best_path(state_dir).exists():  # written before every checkpoint: without it the best epoch is lost
-            raise UserError(f"{desc}: the checkpoint in {state_dir} has lost its best-on-validation weights "
-                            f"{_best_path(state_dir)}: put that file back, or start afresh without --resume")
-        best_state = load_model_file(_best_path(state_dir))[0]
-        log.info("%s: resumed after epoch %d", desc, saved["epoch"])
+        start_epoch, step, bad_epochs, best_state = _resume(state_dir, trained, optimizer, scheduler, result, cfg, desc)
 
     # examples own different numbers of label rows (a tagger's words): each process's per-row mean is weighted by
     # its share of the step's rows, so DDP's average of gradients is the mean over all rows, as with one process
@@ -309,6 +295,24 @@ def fit(
     if best_state is not None:
         target.load_state_dict(best_state)
     return result
+
+
+def _resume(state_dir, trained, optimizer, scheduler, result: FitResult, cfg, desc: str):
+    """Load a resumable checkpoint into the model, optimizer and scheduler, and its history into `result`;
+    return (first epoch to train, step, epochs without improvement, best-on-validation weights)."""
+    saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
+    extra = saved["extra"]
+    result.history = extra["history"]
+    result.best_epoch = extra["best_epoch"]
+    result.best_val_score = extra.get("best_val_score", extra.get("best_val_accuracy"))  # (older checkpoints)
+    result.best_val_loss = extra.get("best_val_loss", float("nan"))
+    result.train_seconds = extra["train_seconds"]
+    start_epoch = cfg.epochs + 1 if extra.get("stopped") else saved["epoch"] + 1  # stopped early: nothing left
+    if not _best_path(state_dir).exists():  # written before every checkpoint: without it the best epoch is lost
+        raise UserError(f"{desc}: the checkpoint in {state_dir} has lost its best-on-validation weights "
+                        f"{_best_path(state_dir)}: put that file back, or start afresh without --resume")
+    log.info("%s: resumed after epoch %d", desc, saved["epoch"])
+    return start_epoch, saved["step"], extra["bad_epochs"], load_model_file(_best_path(state_dir))[0]
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
