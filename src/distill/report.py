@@ -208,8 +208,8 @@ def distillation_summary(results: dict) -> str | None:
     if t:
         tq, k = quality_of(t, kind), _ratio(t.get("params"), s.get("params"))
         frac = None if k is None else (f"1/{k:.0f} of" if k >= 10 else f"1/{k:.1f} of" if k >= 1 else f"{1 / k:.1f}×")
-        if kind == "accuracy" and sq is not None and tq:
-            clauses.append(f"keeps {sq / tq * 100:.1f}% of the teacher's accuracy" + (f" at {frac} its parameters" if frac else ""))
+        if kind in ("accuracy", "entity_f1") and sq is not None and tq:  # scores where a share of the teacher's reads
+            clauses.append(f"keeps {sq / tq * 100:.1f}% of the teacher's {kind.replace('_', ' ')}" + (f" at {frac} its parameters" if frac else ""))
         elif frac:
             clauses.append(f"has {frac} the teacher's parameters")
         sp = _ratio(t.get("latency_ms"), s.get("latency_ms"))
