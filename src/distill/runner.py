@@ -217,7 +217,8 @@ class Experiment:
             for i, a in enumerate(r.assistants, 1):
                 role = f"assistant{i}"
                 set_seed(r.seed + i)
-                model = self.task.build_model(a.model, self.data, self.teacher)
+                # from the trained teacher (hf-shrink layers, embeddings): the same in a fresh and a resumed run
+                model = self.task.build_model(a.model, self.data, models.get("teacher", self.teacher))
                 signal, rows = self._signal(teacher, first)
                 models[role], histories[role], seconds[role], epochs[role] = self._train_role(
                     role, model, a, build_method(r.distill, signal), accelerator, resume, data=rows)
