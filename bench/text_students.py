@@ -42,7 +42,8 @@ TRAIN = {  # per student kind, when it differs from the recipe's student.train
 
 
 def distill_cli(*args) -> None:
-    cmd = [sys.executable, "-m", "distill.cli", *map(str, args), "--quiet"]
+    quiet = ["--quiet"] if args[0] != "cache" else []  # no progress bars in a log
+    cmd = [sys.executable, "-m", "distill.cli", *map(str, args), *quiet]
     print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
 
