@@ -36,7 +36,7 @@ STUDENTS = {
     },
 }
 TRAIN = {  # per student kind, when it differs from the recipe's student.train
-    "minilm-2L": {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 0.0001, "weight_decay": 0.01,
+    "minilm-2L": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.0001, "weight_decay": 0.01,
                   "warmup_epochs": 0.1, "schedule": "linear"},
 }
 
