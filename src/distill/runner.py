@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from distill.cache_fit import check_cache_fits
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
 from distill.errors import UserError
-from distill.methods import build_method
+from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
@@ -39,7 +39,6 @@ ROLES = ("teacher", "scratch", "student")
 
 def check_task_fits(task, recipe: Recipe) -> None:
     """Recipe features that a task cannot do are refused with one line, before anything is loaded or trained."""
-    from distill.methods import REGISTRY
 
     method = REGISTRY[recipe.distill.method]
     if not task.continuous_inputs:
@@ -63,7 +62,6 @@ def check_task_fits(task, recipe: Recipe) -> None:
 def check_auto_cache(recipe: Recipe) -> None:
     """teacher.cache: auto stores logits only: methods that need the teacher network or its layers are refused."""
     from distill.cache_fit import teacher_layers
-    from distill.methods import REGISTRY
 
     method = REGISTRY[recipe.distill.method]
     reads = "its layers" if teacher_layers(recipe.distill) else "the network" if (
@@ -130,6 +128,7 @@ class Experiment:
             check_cache_fits(self.cache, recipe, self.student_rows, self.student_init)
         if not (cache and cache != "auto" and not self.teacher_given):
             self.task.check_compatible(self.teacher, self.student_init, self.data)
+            REGISTRY[recipe.distill.method].check(recipe.distill, self.teacher, self.student_init)
         for i, a in enumerate(recipe.assistants, 1):
             try:
                 self.task.check_compatible(self.teacher, self.task.build_model(a.model, self.data, self.teacher), self.data)

@@ -34,6 +34,10 @@ class Method(ABC):
         self.modules = nn.ModuleDict()  # trainable parts besides the student
         self.epoch = 1
 
+    @classmethod
+    def check(cls, config: MethodConfig, teacher: nn.Module, student: nn.Module) -> None:
+        """Refuse (UserError) a config that cannot work with these networks, before anything is trained."""
+
     def setup(self, student: nn.Module, example: torch.Tensor) -> None:
         """Build trainable parts that depend on the student; `example` is one training batch of inputs."""
 

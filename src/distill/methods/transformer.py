@@ -55,24 +55,33 @@ class Transformer(Method):
     summary = "KD + hidden-state MSE/cosine, attention KL and embedding MSE on mapped transformer layers (TinyBERT/MiniLM)."
     Config = TransformerConfig
 
-    def setup(self, student, example):
-        c = self.config
-        s_hf, t_hf = _hf(student, "student"), _hf(teacher_model(self.teacher, "hidden states"), "teacher")
+    @classmethod
+    def check(cls, config, teacher, student) -> dict[int, int]:
+        """Both networks are transformers and every pair of the layer map exists; returns the map."""
+        s_hf, t_hf = _hf(student, "student"), _hf(teacher, "teacher")
         ls, lt = _layers(s_hf), _layers(t_hf)
-        self.map = c.layer_map or {i: round((i + 1) * lt / ls) - 1 for i in range(ls)}
-        for i, j in self.map.items():
+        layer_map = config.layer_map or {i: round((i + 1) * lt / ls) - 1 for i in range(ls)}
+        for i, j in layer_map.items():
             if not 0 <= i < ls:
                 raise UserError(f"distill.layer_map: student layer {i} does not exist: valid student layers are 0..{ls - 1}")
             if not 0 <= j < lt:
                 raise UserError(f"distill.layer_map: teacher layer {j} does not exist: valid teacher layers are 0..{lt - 1}")
+        ds, dt = int(s_hf.config.hidden_size), int(t_hf.config.hidden_size)
+        if ds != dt and config.hidden_loss == "cosine" and config.hidden_weight > 0:
+            raise UserError(f"distill.hidden_loss=cosine needs equal widths, but the student's hidden size is {ds} and "
+                            f"the teacher's {dt}: use hidden_loss mse (a learned projection)")
+        return layer_map
+
+    def setup(self, student, example):
+        c = self.config
+        teacher = teacher_model(self.teacher, "hidden states")
+        self.map = self.check(c, teacher, student)
+        s_hf, t_hf = _hf(student, "student"), _hf(teacher, "teacher")
         if c.attention_weight > 0:
             for hf in (s_hf, t_hf):
                 hf.set_attn_implementation("eager")  # sdpa does not return attention probabilities
         ds, dt = int(s_hf.config.hidden_size), int(t_hf.config.hidden_size)
         if ds != dt:
-            if c.hidden_loss == "cosine" and c.hidden_weight > 0:
-                raise UserError(f"distill.hidden_loss=cosine needs equal widths, but the student's hidden size is {ds} and "
-                                f"the teacher's {dt}: use hidden_loss mse (a learned projection)")
             device = next(student.parameters()).device
             self.modules["hidden"] = nn.ModuleDict({str(i): nn.Linear(ds, dt) for i in self.map}).to(device)
             self.modules["embedding"] = nn.Linear(ds, dt).to(device)
