@@ -77,7 +77,9 @@ def main() -> None:
             if not (run / "results.json").is_file():
                 distill_cli("distill", args.recipe, "--teacher", teacher, f"name={run.name}", f"output_dir={run.parent}",
                             f"seed={seed}", f"student.model={model}", f"teacher.cache={cache}", *train, *common)
-            rows[(name, seed)] = json.loads((run / "results.json").read_text())["models"]
+    for name in STUDENTS[args.recipe]:  # every finished run in the work dir, also those of earlier invocations
+        for run in sorted((work / "runs").glob(f"{name}-s*/results.json")):
+            rows[(name, int(run.parent.name.rsplit("-s", 1)[1]))] = json.loads(run.read_text())["models"]
     report(args.recipe, rows, work)
 
 
