@@ -21,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 RESULTS = Path(__file__).parent / "results"
 STUDENTS = {
