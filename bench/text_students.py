@@ -26,6 +26,7 @@ RESULTS = Path(__file__).parent / "results"
 STUDENTS = {
     "imdb-minilm": {
         "textcnn": {"kind": "textcnn", "embedding_dim": 128, "channels": 128, "kernel_sizes": [3, 5], "dropout": 0.3},
+        "textcnn-wide": {"kind": "textcnn", "embedding_dim": 256, "channels": 256, "kernel_sizes": [3, 5], "dropout": 0.3},
         "bilstm": {"kind": "bilstm", "embedding_dim": 128, "hidden": 128, "layers": 1, "dropout": 0.3},
         "minilm-2L": {"kind": "hf-shrink", "layers": [0, 5]},
     },
@@ -88,13 +89,13 @@ def report(recipe: str, rows: dict, work: Path) -> None:
     metric = teacher["metric"]
     scale = 100 if metric == "accuracy" else 100  # accuracy and F1 in %
     lines = [f"# {recipe}: students vs the fine-tuned teacher", "",
-             f"`python bench/text_students.py {recipe} ...` (work dir {work}); test {metric} in %, mean ± std over seeds "
-             f"{sorted({s for _, s in rows})}; latency per example at batch 1 and throughput at batch 32 on this machine "
+             f"`python bench/text_students.py {recipe} ...` (work dir {work}); test {metric} in %, mean ± std over the "
+             "seeds of each row (0, 1, 2 in that order); latency per example at batch 1 and throughput at batch 32 on this machine "
              "(median of the run's repeats); speed-up = teacher latency / student latency.", "",
-             f"| model | params (M) | MB fp32 | {metric} scratch | {metric} distilled | distilled - scratch (paired) "
+             f"| model | seeds | params (M) | MB fp32 | {metric} scratch | {metric} distilled | distilled - scratch (paired) "
              "| % of teacher | latency ms (b1) | speed-up | throughput /s (b32) |",
-             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| teacher (MiniLM-L6) | {teacher['params'] / 1e6:.2f} | {teacher['size_mb_fp32']:.1f} | - | "
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| teacher (MiniLM-L6) | - | {teacher['params'] / 1e6:.2f} | {teacher['size_mb_fp32']:.1f} | - | "
              f"{teacher['score'] * scale:.2f} | - | 100 | {teacher['latency_ms']:.2f} | 1.0 | {teacher['throughput_per_s']:.0f} |"]
     summary = {"teacher": teacher, "students": {}}
     for name in dict.fromkeys(n for n, _ in rows):
@@ -107,7 +108,7 @@ def report(recipe: str, rows: dict, work: Path) -> None:
         t_lat = statistics.median(m["teacher"]["latency_ms"] for m in runs)
         summary["students"][name] = {"scratch": sc, "distilled": kd, "paired_diff": diff, "params": student["params"],
                                      "latency_ms": lat, "teacher_latency_ms": t_lat}
-        lines.append(f"| {name} | {student['params'] / 1e6:.2f} | {student['size_mb_fp32']:.1f} | {_ms(sc)} | {_ms(kd)} | "
+        lines.append(f"| {name} | {len(runs)} | {student['params'] / 1e6:.2f} | {student['size_mb_fp32']:.1f} | {_ms(sc)} | {_ms(kd)} | "
                      f"{_ms(diff, sign=True)} | {statistics.mean(kd) / (teacher['score'] * scale) * 100:.1f} | {lat:.2f} | "
                      f"{t_lat / lat:.1f} | {statistics.median(m['student']['throughput_per_s'] for m in runs):.0f} |")
     text = "\n".join(lines) + "\n"
@@ -119,8 +120,8 @@ def report(recipe: str, rows: dict, work: Path) -> None:
 
 def _ms(values: list[float], sign: bool = False) -> str:
     mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:+.2f} ± {std:.2f}" if sign else f"{mean:.2f} ± {std:.2f}"
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""  # one seed: no spread to show
+    return f"{mean:+.2f}{spread}" if sign else f"{mean:.2f}{spread}"
 
 
 if __name__ == "__main__":
