@@ -220,41 +220,16 @@ def fit(
     stepper = prepared_opt if accelerator.scaler is not None else optimizer
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
     total_steps = cfg.epochs * len(loader)
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
+    loop = _Loop(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
+    bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
         generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
         prepared_model.train()
         method.modules.train()
         method.start_epoch(epoch)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        parts_sum: dict[str, torch.Tensor] = {}
-        n_batches = 0
         t0 = time.perf_counter()
-        for batch in prepared_loader:
-            x, y = batch[0], batch[1]
-            _feed_teacher(getattr(method, "teacher", None), batch, x)
-            if cfg.jitter:
-                x = random_shift(x, cfg.jitter)
-            with autocast():
-                loss, parts = method(prepared_model, x, y)
-            if share_rows:
-                loss = loss * _row_share(y, accelerator)
-            accelerator.backward(loss)
-            if accelerator.num_processes > 1:
-                _average_gradients(method.parameters(), accelerator)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
-            stepper.step()
-            scheduler.step()
-            stepper.zero_grad(set_to_none=True)
-            if constrain is not None:
-                constrain()
-            loss_sum += loss.detach()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            n_batches += 1
-            step += 1
-            bar.update(1)
+        loss_sum, parts_sum, n_batches = loop.epoch(prepared_loader)
+        step += n_batches
         seconds = time.perf_counter() - t0
         result.train_seconds += seconds
         train_loss = loss_sum.item() / max(1, n_batches)
@@ -295,6 +270,55 @@ def fit(
     if best_state is not None:
         target.load_state_dict(best_state)
     return result
+
+
+@dataclass
+class _Loop:
+    """What one optimisation step needs; `epoch` runs the steps of one pass over the loader."""
+
+    model: nn.Module
+    method: Method
+    cfg: object
+    accelerator: Accelerator
+    stepper: object  # the optimizer, or Accelerate's wrapper of it when fp16 loss scaling needs it
+    scheduler: object
+    params: list  # what gradient clipping sees: the student's and the method's parameters
+    constrain: object  # the model's weight constraint after each step, or None
+    autocast: object
+    share_rows: bool  # weight each process's loss by its share of the step's rows (see fit)
+    bar: object = None
+
+    def epoch(self, loader) -> tuple[torch.Tensor, dict, int]:
+        """(sum of the batch losses, sums of the named loss parts, batches) of one pass over `loader`."""
+        method, cfg, accelerator = self.method, self.cfg, self.accelerator
+        loss_sum = torch.zeros((), device=accelerator.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        n_batches = 0
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            _feed_teacher(getattr(method, "teacher", None), batch, x)
+            if cfg.jitter:
+                x = random_shift(x, cfg.jitter)
+            with self.autocast():
+                loss, parts = method(self.model, x, y)
+            if self.share_rows:
+                loss = loss * _row_share(y, accelerator)
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                _average_gradients(method.parameters(), accelerator)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.stepper.step()
+            self.scheduler.step()
+            self.stepper.zero_grad(set_to_none=True)
+            if self.constrain is not None:
+                self.constrain()
+            loss_sum += loss.detach()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+            n_batches += 1
+            self.bar.update(1)
+        return loss_sum, parts_sum, n_batches
 
 
 def _resume(state_dir, trained, optimizer, scheduler, result: FitResult, cfg, desc: str):
