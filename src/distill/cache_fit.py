@@ -43,6 +43,15 @@ def teacher_layers(config) -> list[str]:
     return list(dict.fromkeys([*([one] if one else []), *(getattr(config, "teacher_layers", None) or [])]))
 
 
+def check_cache_jitter(recipe: Recipe) -> None:
+    """A cache holds the teacher's outputs of the un-jittered rows: the first distilled stage must not jitter."""
+    first = recipe.assistants[0] if recipe.assistants else recipe.student
+    train = getattr(first, "distill_train", None) or first.train
+    if train.jitter:
+        raise UserError(f"train.jitter={train.jitter} with teacher.cache, whose outputs are of the un-jittered rows: "
+                        "set jitter 0 for the distilled stage or remove teacher.cache")
+
+
 def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
     """Refuse, with one line, a cache that cannot serve the recipe's first distilled stage exactly."""
     n = min(2, len(rows))  # the first examples, and the cached rows they own (their words, for a tagger)
@@ -64,11 +73,7 @@ def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
         raise UserError(f"distill.method={method.method} reads teacher layer(s) {', '.join(missing)}, which teacher.cache "
                         f"does not store: write the cache with `distill cache RECIPE --features {' '.join(missing)}` "
                         "(the default for this recipe), or use the live teacher")
-    first = recipe.assistants[0] if recipe.assistants else recipe.student
-    train = getattr(first, "distill_train", None) or first.train
-    if train.jitter:
-        raise UserError(f"train.jitter={train.jitter} with teacher.cache, whose outputs are of the un-jittered rows: "
-                        "set jitter 0 for the distilled stage or remove teacher.cache")
+    check_cache_jitter(recipe)
     probe = build_method(method, CachedTeacher())  # methods that need the network refuse here, before any training
     probe.teacher.feed(logits, inputs=x, **extras)
     student = copy.deepcopy(student)  # a forward in train mode would move batch-norm statistics of the real one

@@ -39,7 +39,6 @@ ROLES = ("teacher", "scratch", "student")
 
 def check_task_fits(task, recipe: Recipe) -> None:
     """Recipe features that a task cannot do are refused with one line, before anything is loaded or trained."""
-
     method = REGISTRY[recipe.distill.method]
     if not task.continuous_inputs:
         if method.needs_continuous_inputs:
@@ -50,7 +49,7 @@ def check_task_fits(task, recipe: Recipe) -> None:
             for train in (cfg.train, getattr(cfg, "distill_train", None)):
                 if train is not None and train.jitter:
                     raise UserError(f"{role}.train.jitter shifts images by pixels; {task.name} inputs are token ids: set it to 0")
-    if task.name == "classification":
+    if task.continuous_inputs:  # images and tables: every recipe feature applies
         return
     unsupported = {"teacher.specialists": recipe.teacher.specialists, "transfer.omit_classes": recipe.transfer.omit_classes,
                    "transfer.rows: heldout": recipe.transfer.rows == "heldout"}
@@ -61,18 +60,14 @@ def check_task_fits(task, recipe: Recipe) -> None:
 
 def check_auto_cache(recipe: Recipe) -> None:
     """teacher.cache: auto stores logits only: methods that need the teacher network or its layers are refused."""
-    from distill.cache_fit import teacher_layers
+    from distill.cache_fit import check_cache_jitter, teacher_layers
 
     method = REGISTRY[recipe.distill.method]
-    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if (
-        method.needs_continuous_inputs or method.name == "transformer") else None
+    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_teacher_network else None
     if reads:
         raise UserError(f"teacher.cache: auto stores the teacher's logits only, and distill.method={method.name} reads "
                         f"{reads}: remove teacher.cache")
-    first = recipe.assistants[0] if recipe.assistants else recipe.student
-    if (getattr(first, "distill_train", None) or first.train).jitter:
-        raise UserError("teacher.cache: auto stores the teacher's logits of the un-jittered rows: set the distilled "
-                        "stage's train.jitter to 0 or remove teacher.cache")
+    check_cache_jitter(recipe)
 
 
 class Experiment:

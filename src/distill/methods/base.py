@@ -27,6 +27,7 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = True
     needs_continuous_inputs: ClassVar[bool] = False  # perturbs or differentiates x (refused on token ids)
+    reads_teacher_network: ClassVar[bool] = False  # needs the teacher network, not only its outputs (no logit cache)
 
     def __init__(self, config: MethodConfig, teacher=None):
         self.config = config

@@ -59,6 +59,7 @@ class BSS(Method):
     summary = "KD plus KD on adversarial samples moved to the teacher's decision boundary (Heo et al. 2019)."
     Config = BSSConfig
     needs_continuous_inputs = True
+    reads_teacher_network = True
 
     def __call__(self, student, x, y):
         c = self.config

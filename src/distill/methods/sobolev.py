@@ -51,6 +51,7 @@ class Sobolev(Method):
     summary = "Sobolev training (order 1): KD plus matching the teacher's input derivatives along random directions."
     Config = SobolevConfig
     needs_continuous_inputs = True
+    reads_teacher_network = True
 
     def _teacher_network(self) -> nn.Module:
         return teacher_model(self.teacher, "input derivatives").eval()  # a user's loop may have called .train() on everything

@@ -54,6 +54,7 @@ class Transformer(Method):
     name = "transformer"
     summary = "KD + hidden-state MSE/cosine, attention KL and embedding MSE on mapped transformer layers (TinyBERT/MiniLM)."
     Config = TransformerConfig
+    reads_teacher_network = True  # hidden states and attention of the live teacher
 
     @classmethod
     def check(cls, config, teacher, student) -> dict[int, int]:
