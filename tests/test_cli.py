@@ -48,8 +48,11 @@ def test_train_then_distill_then_eval(tmp_path, capsys):
     assert main(["train", recipe, "--quiet", "name=teach"]) == 0
     teacher = tmp_path / "runs" / "teach" / "teacher.safetensors"
     assert teacher.is_file()
-    # the teacher's architecture comes from its checkpoint, not from the recipe's teacher section
-    assert main(["distill", recipe, "--quiet", "--teacher", str(teacher), "teacher.model.hidden=[7]", "--no-scratch"]) == 0
+    # the teacher's architecture comes from its checkpoint: an override of it cannot take effect and is refused
+    capsys.readouterr()
+    assert main(["distill", recipe, "--quiet", "--teacher", str(teacher), "teacher.model.hidden=[7]", "--no-scratch"]) == 2
+    assert "teacher.model.hidden has no effect: the teacher is loaded" in capsys.readouterr().err
+    assert main(["distill", recipe, "--quiet", "--teacher", str(teacher), "--no-scratch"]) == 0
     results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
     assert list(results["models"]) == ["teacher", "student"]
     teach_results = json.loads((tmp_path / "runs" / "teach" / "results.json").read_text())

@@ -15,7 +15,7 @@ from PIL import Image
 
 from distill.data import DATASETS, ArrayDataset, DataSplits, load_dataset, resolve_data_dir
 from distill.data import idx as idx_mod
-from distill.data.arrays import batch_collate
+from distill.data.arrays import batch_collate, gather
 from distill.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -353,10 +353,22 @@ def test_array_dataset_getitems_matches_getitem():
     ds = ArrayDataset(x, y)
     assert len(ds) == 12
     idx = [5, 0, 11, 5, 2]
-    bx, by = ds.__getitems__(idx)
+    bx, by = gather(ds, idx)
     assert torch.equal(bx, torch.stack([ds[i][0] for i in idx]))
     assert torch.equal(by, torch.stack([ds[i][1] for i in idx]))
     loader = torch.utils.data.DataLoader(ds, batch_size=5, shuffle=False, collate_fn=batch_collate)
     batches = list(loader)
     assert [len(b[1]) for b in batches] == [5, 5, 2]
     assert torch.equal(torch.cat([b[0] for b in batches]), x)
+
+
+def test_load_dataset_rows_work_with_a_plain_dataloader():
+    """A user's `DataLoader(ds, batch_size=128)` with PyTorch's default collate: the batches are (x, y) as stacked
+    by distill's own loader (it used to fail: default collate tried to stack x with y)."""
+    ds = load_dataset("digits").train
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=128))
+    assert [tuple(b[0].shape) for b in plain[:1]] == [(128, *ds.x.shape[1:])]
+    assert torch.equal(torch.cat([b[0] for b in plain]), ds.x) and torch.equal(torch.cat([b[1] for b in plain]), ds.y)
+    shuffled = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    x, y = next(iter(shuffled))
+    assert x.shape[0] == 64 and y.dtype == torch.long

@@ -9,29 +9,38 @@
     result = d.fit(train_dataset, val_dataset, epochs=20, lr=1e-3)
 """
 
+from pathlib import Path
+
 from pydantic import ValidationError
 from torch import nn
+from torch.utils.data import DataLoader
 
+from distill import saving
 from distill.errors import UserError
-from distill.methods import DISTILL_METHODS, Method, build_method
+from distill.methods import REGISTRY, Method, build_method
 from distill.signals import LiveTeacher
 from distill.train import FitResult, fit
 
 
 class Distiller:
-    def __init__(self, teacher: nn.Module, student: nn.Module, method: str = "kd", *, teacher_precision: str = "fp32", **params):
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, method: str = "kd", *, teacher_precision: str = "fp32",
+                 **params):
         """params are the method's config fields (see `distill methods`); teacher_precision fp16/bf16 runs a half
-        copy of the teacher."""
-        if method not in DISTILL_METHODS:
-            raise UserError(f"unknown method {method!r}: choose one of {', '.join(DISTILL_METHODS)}")
+        copy of the teacher. method="supervised" trains the student alone (teacher=None): the no-teacher baseline."""
+        if method not in REGISTRY:
+            raise UserError(f"unknown method {method!r}: choose one of {', '.join(sorted(REGISTRY))}")
+        cls = REGISTRY[method]
         try:
-            config = DISTILL_METHODS[method].Config(method=method, **params)
+            config = cls.Config(method=method, **params)
         except ValidationError as e:
             err = e.errors()[0]
             raise UserError(f"{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        if teacher is None and cls.needs_teacher:
+            raise UserError(f"method {method!r} needs a teacher: pass one, or method='supervised' to train the student alone")
         self.teacher = teacher
         self.student = student
-        self.method = build_method(config, LiveTeacher(teacher, teacher_precision))
+        self.method = build_method(config, LiveTeacher(teacher, teacher_precision) if teacher is not None else None)
+        self.result: FitResult | None = None  # the last fit's history and best epoch
         self._ready = False  # set once the method has built its trainable parts (see setup)
 
     def setup(self, example) -> None:
@@ -58,14 +67,34 @@ class Distiller:
 
     def fit(self, train_data, val_data=None, *, seed: int = 0, state_dir=None, resume: bool = False,
             progress: bool = True, **train_params) -> FitResult:
-        """Train the student with our loop. train_params are TrainConfig fields (epochs, lr, batch_size, ...)."""
+        """Train the student with our loop and leave it with its best-on-validation weights (result.student).
+
+        train_data: any map-style Dataset yielding (x, y), a Subset, an IterableDataset, or a DataLoader (used as
+        given: its batch size counts, so passing another batch_size is refused). train_params are TrainConfig
+        fields (epochs, min_steps, lr, batch_size, optimizer, schedule, ...; `distill methods` and the README)."""
         from distill.recipe import TrainConfig
 
+        if isinstance(train_data, DataLoader):
+            given = train_params.get("batch_size")
+            if given is not None and given != train_data.batch_size:
+                raise UserError(f"fit(batch_size={given}) with a DataLoader of batch_size={train_data.batch_size}: the "
+                                "DataLoader's batches are used as they are; pass the dataset instead, or drop batch_size")
+            if train_data.batch_size:
+                train_params = {**train_params, "batch_size": train_data.batch_size}
         try:
             cfg = TrainConfig(**train_params)
         except ValidationError as e:
             err = e.errors()[0]
             raise UserError(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self._ready = True  # fit calls method.setup itself
-        return fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
-                   resume=resume, desc="distill", progress=progress)
+        self.result = fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
+                          resume=resume, desc=self.method.name, progress=progress)
+        return self.result
+
+    def save(self, path, *, init_kwargs: dict | None = None, data: dict | None = None) -> Path:
+        """Write the student to folder `path`: model.safetensors (weights) and distill.json (how to rebuild it, the
+        method and its settings, the last fit's best epoch and history). init_kwargs: the arguments of your model's
+        class, for `distill.load(path, model=YourClass)`; data: the recipe `data:` section it was trained on (e.g.
+        {"dataset": "table", "path": "x.csv", "label_column": "y"}), so `distill eval path` needs no data arguments.
+        Load it back with `distill.load(path)`."""
+        return saving.save(path, self.student, method=self.method, fit=self.result, init_kwargs=init_kwargs, data=data)

@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from distill.data.arrays import gather
 from distill.errors import UserError
 from distill.methods import build_method
 from distill.recipe import Recipe
@@ -55,7 +56,7 @@ def check_cache_jitter(recipe: Recipe) -> None:
 def check_cache_fits(cache, recipe: Recipe, rows, student) -> None:
     """Refuse, with one line, a cache that cannot serve the recipe's first distilled stage exactly."""
     n = min(2, len(rows))  # the first examples, and the cached rows they own (their words, for a tagger)
-    x, y = (rows.x[:n], rows.y[:n]) if isinstance(getattr(rows, "x", None), torch.Tensor) else rows.__getitems__(list(range(n)))
+    x, y = (rows.x[:n], rows.y[:n]) if isinstance(getattr(rows, "x", None), torch.Tensor) else gather(rows, list(range(n)))
     logits, extras = cache.batch(list(range(int(row_counts(rows)[:n].sum()))))
     with torch.inference_mode():
         outputs = student.eval()(x).shape[-1]

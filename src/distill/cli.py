@@ -27,19 +27,20 @@ def _split(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def _recipe(args):
+def _recipe(args, stages=None, teacher_given=False):
     from distill.recipe import load_recipe
 
     path, overrides = _split(args.items)
     if args.data_dir:
         overrides = [*overrides, f"data.data_dir={args.data_dir}"]
-    return load_recipe(path, overrides)
+    return load_recipe(path, overrides, stages=stages, teacher_given=teacher_given)
 
 
 def cmd_run(args, stages=("teacher", "scratch", "student"), teacher=None):
     from distill.runner import run_recipe, summary
 
-    results, out = run_recipe(_recipe(args), stages=stages, teacher_checkpoint=teacher, resume=args.resume, progress=not args.quiet)
+    recipe = _recipe(args, stages=stages, teacher_given=bool(teacher))
+    results, out = run_recipe(recipe, stages=stages, teacher_checkpoint=teacher, resume=args.resume, progress=not args.quiet)
     if results:  # empty on the non-main processes of a distributed run
         print(summary(results, out))
 
@@ -55,27 +56,35 @@ def cmd_distill(args):
 
 def cmd_eval(args):
     from distill.checkpoint import load_model_file, load_weights
-    from distill.recipe import DataConfig, apply_overrides, validate_recipe
+    from distill.recipe import apply_overrides, validate_recipe
     from distill.report import format_table, model_card
     from distill.tasks import make_task
     from distill.tasks.classification import build_from_record
     from distill.tasks.text import read_record
 
-    folder = Path(args.checkpoint).is_dir()  # a text model: save_pretrained folder with distill.json
+    checkpoint = args.checkpoint
+    folder = Path(checkpoint).is_dir()  # a text model (save_pretrained folder with distill.json), or Distiller.save's
+    if folder and read_record(checkpoint)["task"] == "classification":
+        checkpoint, folder = str(Path(checkpoint) / "model.safetensors"), False  # Distiller.save: weights + description
     if folder:
-        record = read_record(args.checkpoint)
+        record = read_record(checkpoint)
     else:
-        state, record = load_model_file(args.checkpoint)
-        model = build_from_record(record, args.checkpoint)
-        load_weights(model, state, source=args.checkpoint)
-    data_raw = apply_overrides({"data": dict(record.get("data") or DataConfig().model_dump(mode="json"))}, args.overrides)
+        state, record = load_model_file(checkpoint)
+        model = build_from_record(record, checkpoint)
+        load_weights(model, state, source=checkpoint)
+    given = {o.partition("=")[0] for o in args.overrides}
+    if not record.get("data") and "data.dataset" not in given:
+        raise UserError(f"{args.checkpoint} does not record the data it was trained on: name it, e.g. `distill eval "
+                        f"{args.checkpoint} data.dataset=table data.path=FILE.csv data.label_column=COLUMN` (or save "
+                        "it with Distiller.save(DIR, data={...}))")
+    data_raw = apply_overrides({"data": dict(record.get("data") or {})}, args.overrides)
     if args.data_dir:
         data_raw["data"]["data_dir"] = args.data_dir
     recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=args.checkpoint)
-    task = make_task(recipe, args.checkpoint if folder else None)
+    task = make_task(recipe, checkpoint if folder else None)
     data = task.load_data()
     if folder:
-        model = task.load_model(args.checkpoint, data)
+        model = task.load_model(checkpoint, data)
     scores = dict(task.evaluate(model.eval(), data.test))
     card = model_card(model, lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
@@ -151,6 +160,12 @@ def cmd_methods(args):
         print(f"  {key:25s} {text}")
 
 
+def _allow_import(parser) -> None:
+    parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
+                        help="let `model: {kind: import, target: MODULE:Class}` import (and so run) MODULE and its "
+                             "sub-modules; a recipe alone never imports code")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: a small fast student from a large teacher.",
                                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("items", nargs="*", metavar="[RECIPE.yaml] [key=value ...]", help="a recipe (default: the built-in digits recipe) and overrides")
         s.add_argument("--data-dir", help="folder with downloaded data sets (else $DISTILL_DATA_DIR)")
+        _allow_import(s)
         return s
 
     def recipe_command(name, func, help_text):
@@ -179,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.data_dir=/data")
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _allow_import(e)
     e.set_defaults(func=cmd_eval)
     c = recipe_parser("cache", "run a teacher once over a split and store its outputs for later students")
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
@@ -218,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, [*getattr(args, target), *extra])
     from distill.train import end_distributed  # under torchrun / accelerate launch: a clean exit for every process
 
+    from distill.students.imported import allowed_imports
+
     try:
-        args.func(args)
+        with allowed_imports(getattr(args, "allow_import", None)):
+            args.func(args)
     except UserError as e:
         end_distributed(wait=False)
         print(f"distill: error: {e}", file=sys.stderr)

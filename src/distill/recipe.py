@@ -61,7 +61,10 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1)
+    epochs: int | None = Field(None, ge=1, description="passes over the training rows (default: 20, raised until "
+                                                        "training takes min_steps steps)")
+    min_steps: int | None = Field(None, ge=1, description="train at least this many optimisation steps (epochs are raised "
+                                                          "to reach it; default 1000 when epochs is not set, none when it is)")
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -134,9 +137,18 @@ class TeacherRole(ModelRole):
 
 
 class StudentRole(ModelRole):
+    model: ModelConfig = Field(default_factory=lambda: MLPConfig(hidden=[64]))  # smaller than the default teacher
     distill_train: TrainConfig | None = Field(
-        None, description="training settings of the distilled student when they differ from the scratch student's "
-                          "(e.g. a lower SGD learning rate: at high T the T²-scaled soft loss has larger gradients)")
+        None, description="training settings of the distilled student where they differ from the scratch student's "
+                          "(e.g. a lower SGD learning rate: at high T the T²-scaled soft loss has larger gradients); "
+                          "fields it does not set come from student.train")
+
+    @model_validator(mode="after")
+    def _inherit_train(self):
+        if self.distill_train is not None:  # only what distill_train sets differs from student.train
+            own = {k: getattr(self.distill_train, k) for k in self.distill_train.model_fields_set}
+            self.distill_train = self.train.model_copy(update=own)
+        return self
 
 
 class TransferConfig(_Strict):
@@ -218,8 +230,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. `path=None` loads the built-in default."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, *, stages=None,
+                teacher_given: bool = False) -> Recipe:
+    """Read, override and validate a recipe. `path=None` loads the built-in default. stages / teacher_given (the
+    command's stages, and whether it loads its teacher): an override that would have no effect is refused."""
     path = Path(path) if path is not None else builtin_recipe_path()
     if not path.is_file() and builtin_recipe_path(str(path)).is_file():
         path = builtin_recipe_path(str(path))  # a built-in recipe by name, e.g. `distill run mnist-hinton`
@@ -234,8 +248,27 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(f"recipe {path} cannot be read as UTF-8 text ({type(e).__name__}): give a YAML file") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path} must be a mapping of sections (name, data, teacher, student, distill)")
+    check_overrides_apply(raw, overrides or [], stages=stages, teacher_given=teacher_given)
     raw = apply_overrides(raw, overrides or [])
     return validate_recipe(raw, source=str(path))
+
+
+def check_overrides_apply(raw: dict, overrides: list[str], *, stages=None, teacher_given: bool = False) -> None:
+    """Refuse an override that cannot change what is trained (raw: the recipe before the overrides)."""
+    keys = [o.partition("=")[0] for o in overrides]
+    student = raw.get("student") if isinstance(raw.get("student"), dict) else {}
+    shadow = student.get("distill_train") if isinstance(student.get("distill_train"), dict) else {}
+    loaded = teacher_given or bool(isinstance(raw.get("teacher"), dict) and raw["teacher"].get("checkpoint"))
+    for key in keys:
+        field = key.removeprefix("student.train.")
+        if key.startswith("student.train.") and field in shadow and f"student.distill_train.{field}" not in keys:
+            raise UserError(f"override {key} reaches the scratch student only: the recipe sets student.distill_train.{field}"
+                            f"={shadow[field]!r} for the distilled one; override student.distill_train.{field} too")
+        if loaded and key.startswith(("teacher.train.", "teacher.model.")) and "teacher.checkpoint" not in keys:
+            raise UserError(f"override {key} has no effect: the teacher is loaded, not trained (--teacher or "
+                            "teacher.checkpoint); remove the override")
+        if stages is not None and "student" not in stages and key.startswith(("distill.", "student.", "assistants")):
+            raise UserError(f"override {key} has no effect: this command trains no student (use `distill run`)")
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:

@@ -25,6 +25,7 @@ from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, write_report, write_results
+from distill.run_checks import run_warnings
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
 from distill.students import build_model, model_config_adapter
@@ -255,6 +256,9 @@ class Experiment:
         results["transfer"] = {"rows": r.transfer.rows, "teacher_rows": len(self.teacher_rows), "student_rows": len(self.student_rows),
                                "omit_classes": r.transfer.omit_classes}
         results["config"] = r.model_dump(mode="json")
+        results["warnings"] = run_warnings(results["models"], task.baseline_score(self.data), task.metric)
+        for line in results["warnings"]:
+            log.warning("warning: %s", line)
         write_results(self.partial, results)
         atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
         write_report(self.partial, results, histories)
@@ -345,7 +349,8 @@ class Experiment:
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
                      desc=role, progress=self.progress, task=self.task)
-        log.info("%s: best epoch %d (val score %.4f), %.1f s", role, result.best_epoch, result.best_val_score, time.perf_counter() - t0)
+        score = f"val {self.task.metric} {result.best_val_score:.4f}" if result.best_val_score == result.best_val_score else "no validation split: last epoch kept"
+        log.info("%s: best epoch %d (%s), %.1f s", role, result.best_epoch, score, time.perf_counter() - t0)
         model = accelerator.unwrap_model(model)
         if self.main:
             self.task.save_model(model, weights, record)

@@ -20,10 +20,11 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
 from distill.checkpoint import atomic_write_bytes, load_model_file
+from distill.data.arrays import batch_collate
 from distill.training_state import (
     gather_training_state,
     has_training_state,
@@ -37,6 +38,8 @@ from distill.tasks.base import Task
 from distill.tasks.classification import ClassificationTask, random_shift
 
 log = logging.getLogger("distill")
+DEFAULT_EPOCHS = 20  # when train.epochs is not set ...
+DEFAULT_MIN_STEPS = 1000  # ... raised until training takes this many steps (see resolve_epochs)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class FitResult:
     best_val_score: float = float("nan")  # the task's metric (accuracy, entity F1, ...) at the best epoch
     best_val_loss: float = float("nan")
     train_seconds: float = 0.0  # time in training steps, summed over epochs (validation excluded)
+    student: nn.Module | None = None  # the trained model, holding the best epoch's weights (the last epoch's without validation)
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
@@ -103,18 +107,25 @@ def check_engine(accelerator: Accelerator) -> None:
                         "train.batch_size")
 
 
-def _pass_through(batch):
-    return batch  # ArrayDataset.__getitems__ already returns a stacked (x, y) batch
-
-
 def make_loader(data: Dataset | DataLoader, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Shuffled batches. In-memory datasets with __getitems__ are gathered one batch at a time (one index op
-    per batch instead of one per sample, which matters for small models)."""
+    """Batches of `batch_size` rows from any map-style dataset (shuffled by `generator`, so an epoch's order depends
+    on the seed and the epoch only), Subset, or IterableDataset (in its own order); a DataLoader is used as given.
+    Datasets that gather a whole batch at once (__getitems__: distill's in-memory and text datasets) are collated
+    by themselves; any other dataset's rows go through PyTorch's default collate."""
     if isinstance(data, DataLoader):
         return data
+    if isinstance(data, IterableDataset):
+        return DataLoader(data, batch_size=batch_size, collate_fn=batch_collate)
     sampler = BatchSampler(RandomSampler(data, generator=generator), batch_size, drop_last=False)
-    collate = _pass_through if hasattr(data, "__getitems__") else None
-    return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=batch_collate)
+
+
+def steps_per_epoch(loader: DataLoader) -> int | None:
+    """Batches in one pass over `loader`, or None when its dataset does not tell (an IterableDataset without len)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -124,8 +135,34 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def resolve_epochs(cfg, steps: int | None, desc: str = "train") -> int:
+    """Passes over the data: train.epochs when set, else DEFAULT_EPOCHS; then raised, when an epoch has `steps`
+    optimisation steps, until training takes at least train.min_steps steps (default DEFAULT_MIN_STEPS when
+    epochs is not set, none when it is). So small data sets get enough updates by default, and a recipe that
+    sets its epochs trains exactly that long unless it also asks for min_steps."""
+    epochs = cfg.epochs or DEFAULT_EPOCHS
+    min_steps = cfg.min_steps if cfg.min_steps is not None else (0 if cfg.epochs else DEFAULT_MIN_STEPS)
+    if min_steps and steps is None:
+        if cfg.min_steps is not None:
+            raise UserError(f"{desc}: train.min_steps={cfg.min_steps} needs the number of batches in an epoch, which this "
+                            "IterableDataset does not give (no __len__): set train.epochs instead, or give it a __len__")
+        return epochs
+    if min_steps and steps:
+        needed = math.ceil(min_steps / steps)
+        if needed > epochs:
+            log.info("%s: %d epochs of %d steps, to reach train.min_steps=%d", desc, needed, steps, min_steps)
+            epochs = needed
+    return epochs
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch: int | None) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant / cosine / linear decay to zero, stepped once per batch."""
+    if steps_per_epoch is None:
+        if cfg.schedule != "constant" or cfg.warmup_epochs:
+            raise UserError(f"train.schedule={cfg.schedule} / warmup_epochs={cfg.warmup_epochs} need the number of "
+                            "batches in an epoch, which this IterableDataset does not give (no __len__): set "
+                            "train.schedule=constant and warmup_epochs=0, or give the dataset a __len__")
+        steps_per_epoch = 1
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     schedule = cfg.schedule
@@ -174,11 +211,12 @@ def fit(
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among the "
                         f"{accelerator.num_processes} processes: use a multiple of {accelerator.num_processes}")
-    if val_data is not None and len(val_data) == 0:
+    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
         val_data = None  # no validation rows (val_fraction: 0): keep the last epoch's weights
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
+    cfg = cfg.model_copy(update={"epochs": resolve_epochs(cfg, steps_per_epoch(loader), desc)})
     model.to(accelerator.device)
     # trainable parts of the method (regressors, peers), before the optimizer exists; a cached teacher gets
     # that batch's outputs first, so a feature method can read the cached layers' shapes
@@ -200,7 +238,7 @@ def fit(
         optimizer = make_optimizer(list(model.parameters()) + list(method.parameters()), cfg)
         prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
     params = list(prepared_model.parameters()) + list(method.parameters())  # what gradient clipping sees
-    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(loader))
     raw_model = accelerator.unwrap_model(prepared_model)
     trained = nn.ModuleDict({"student": raw_model, "method": method.modules})  # what a checkpoint holds
 
@@ -219,9 +257,9 @@ def fit(
     # call, about 0.4 ms a batch, so without them the loop steps the optimizer itself.
     stepper = prepared_opt if accelerator.scaler is not None else optimizer
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
-    total_steps = cfg.epochs * len(loader)
+    total_steps = cfg.epochs * (steps_per_epoch(loader) or 0) or None  # None: an IterableDataset of unknown length
     loop = _Loop(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
-    bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
+    bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps or step), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
         generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
         prepared_model.train()
@@ -253,7 +291,7 @@ def fit(
         else:
             bad_epochs += 1
         result.history.append(row)
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{f"val_{task.metric}": f"{row.get(f'val_{task.metric}', float('nan')):.4f}"})
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in (f"val_{task.metric}",) if k in row})
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if state_dir is not None:
@@ -269,6 +307,7 @@ def fit(
         best_state = full_weights(raw_model)
     if best_state is not None:
         target.load_state_dict(best_state)
+    result.student = target
     return result
 
 

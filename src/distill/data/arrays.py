@@ -6,6 +6,7 @@ so all datasets share one definition of "stratified, seeded, unlabelled rows onl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +22,8 @@ UNLABELLED = -1
 class ArrayDataset(torch.utils.data.Dataset):
     """In-memory dataset: x float32 tensor (N, *input_shape), y int64 tensor (N,), label -1 = unlabelled.
 
-    ``__getitems__`` returns one ``(x_batch, y_batch)`` pair per batch, so a ``DataLoader`` over it
-    needs ``collate_fn=batch_collate`` (the identity); the default collate would try to stack x and y.
+    ``__getitems__`` gathers a whole batch with one index op (``StackedRows``): distill's loaders take it as is,
+    and a plain ``DataLoader(ds, batch_size=128)`` with PyTorch's default collate works too.
     """
 
     def __init__(self, x: Tensor, y: Tensor):
@@ -37,14 +38,41 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.x[i], self.y[i]
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, indices: list[int]) -> "StackedRows":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.x[idx], self.y[idx]
+        return StackedRows(self.x[idx], self.y[idx])
+
+
+class StackedRows(Sequence):
+    """A batch gathered with one index op per tensor, that still reads as the list of its rows.
+
+    `.batch` is the stacked (x, y): what distill's loaders use (one index op per batch instead of one per row matters
+    for small models). Read as a sequence it yields (x[i], y[i]), so PyTorch's default collate, which a plain
+    DataLoader applies to what `__getitems__` returns, rebuilds the same batch."""
+
+    def __init__(self, *tensors: Tensor):
+        self.batch = tensors
+
+    def __len__(self) -> int:
+        return len(self.batch[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.batch)
 
 
 def batch_collate(batch):
-    """Identity collate for ``DataLoader(ArrayDataset, collate_fn=batch_collate)``: the batch is already stacked."""
-    return batch
+    """Collate for distill's loaders: a batch a dataset gathered itself (``StackedRows``, or the tuple a text or
+    cached dataset returns) is taken as is; a list of rows (any other dataset) goes through PyTorch's default collate."""
+    if isinstance(batch, StackedRows):
+        return batch.batch
+    if isinstance(batch, tuple):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+def gather(dataset, indices: list[int]):
+    """The collated batch of rows `indices` of a dataset that gathers its own batches (``__getitems__``)."""
+    return batch_collate(dataset.__getitems__(indices))
 
 
 @dataclass

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.data.arrays import gather
 from distill.errors import UserError
 
 FORMAT = "distill-teacher-cache"
@@ -98,7 +99,7 @@ def example_inputs(dataset, start: int, stop: int):
     """The model inputs of examples start..stop - 1: a slice of .x, or a collated batch of a text dataset."""
     if isinstance(getattr(dataset, "x", None), Tensor):
         return dataset.x[start:stop]
-    return dataset.__getitems__(list(range(start, stop)))[0]
+    return gather(dataset, list(range(start, stop)))[0]
 
 
 def tensor_field(dataset, name: str) -> Tensor:

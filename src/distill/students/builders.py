@@ -14,10 +14,11 @@ from distill.students.bilstm import BiLSTMConfig
 from distill.students.cnn import CNN, CNNConfig
 from distill.students.hf import HFConfig
 from distill.students.hf_shrink import HFShrinkConfig
+from distill.students.imported import ImportConfig, build_imported
 from distill.students.mlp import MLP, MLPConfig
 from distill.students.textcnn import TextCNNConfig
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig],
+ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig, ImportConfig],
                         Field(discriminator="kind")]
 model_config_adapter = TypeAdapter(ModelConfig)
 _BUILDERS = {"mlp": MLP, "cnn": CNN}
@@ -25,7 +26,14 @@ TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn")
 
 
 def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if config.kind not in _BUILDERS:
+    """The model a config describes, tagged with that description (`distill_config`) so it can be saved and rebuilt."""
+    if config.kind == "import":
+        model = build_imported(config, input_shape, num_classes)
+    elif config.kind not in _BUILDERS:
         raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll); for images and tables "
                         "use mlp or cnn")
-    return _BUILDERS[config.kind](config, tuple(input_shape), num_classes)
+    else:
+        model = _BUILDERS[config.kind](config, tuple(input_shape), num_classes)
+    model.distill_config = {"model": config.model_dump(mode="json"), "input_shape": list(input_shape) if input_shape is not None else None,
+                            "num_classes": num_classes}
+    return model

@@ -38,6 +38,11 @@ class Task(ABC):
     def latency_inputs(self, data, batch_size: int) -> Any:
         """Inputs of `batch_size` copies of one typical test example, for latency and throughput."""
 
+    def baseline_score(self, data) -> float | None:
+        """The test score of a model that always answers the training split's most common label (None: not
+        meaningful for this metric). A trained model at or below it has learnt nothing usable."""
+        return None
+
     def supervised_rows(self, rows):
         """The rows a model trained without a teacher learns from (the teacher, the scratch student)."""
         return rows

@@ -4,6 +4,8 @@
 the counted tokens of a tagger): inputs may be a tensor or a dict of tensors.
 """
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 
 from distill.checkpoint import load_model_file, load_weights
 from distill.data import DataSplits, load_dataset
+from distill.data.arrays import batch_collate
 from distill.errors import UserError
 from distill.students import build_model, model_config_adapter
 
@@ -30,6 +33,9 @@ class ClassificationTask(Task):
     def __init__(self, recipe=None, teacher_checkpoint: str | None = None):
         self.recipe = recipe
         self.teacher_checkpoint = teacher_checkpoint
+
+    def baseline_score(self, data) -> float | None:
+        return majority_accuracy(data.train.y, data.test.y)
 
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 1024) -> dict:
         return evaluate(model, data, batch_size=batch_size, device=device)
@@ -93,6 +99,14 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 1024, device: torch
     return {"score": correct / total, "accuracy": correct / total, "errors": total - correct, "loss": loss_sum / total, "n": total}
 
 
+def majority_accuracy(train_y: torch.Tensor, test_y: torch.Tensor) -> float | None:
+    """Accuracy on the labelled test rows of always answering the most common labelled training class."""
+    train_y, test_y = train_y[train_y >= 0], test_y[test_y >= 0]
+    if not len(train_y) or not len(test_y):
+        return None
+    return float((test_y == torch.bincount(train_y).argmax()).float().mean())
+
+
 def _batches(data, batch_size: int):
     """In-order (x, y) batches: slices of an in-memory dataset, or a DataLoader over any other (x, y) dataset."""
     if isinstance(data, DataLoader):
@@ -100,11 +114,8 @@ def _batches(data, batch_size: int):
     elif hasattr(data, "x") and hasattr(data, "y"):
         for start in range(0, len(data.y), batch_size):
             yield data.x[start : start + batch_size], data.y[start : start + batch_size]
-    elif hasattr(data, "__getitems__"):  # datasets that collate a batch themselves (distill.data.text)
-        for start in range(0, len(data), batch_size):
-            yield data.__getitems__(list(range(start, min(start + batch_size, len(data)))))
-    else:
-        yield from DataLoader(data, batch_size=batch_size)
+    else:  # any other dataset, Subset or IterableDataset; text datasets gather their batches themselves
+        yield from DataLoader(data, batch_size=batch_size, collate_fn=batch_collate)
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -142,18 +153,30 @@ def model_record(model_cfg, data: DataSplits, recipe) -> dict:
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
-        "data": recipe.data.model_dump(mode="json"),
+        "data": data_record(recipe.data),
         "transfer": recipe.transfer.model_dump(mode="json"),
         "seed": recipe.seed,
     }
 
 
+def data_record(data_cfg) -> dict:
+    """The recipe's data section as stored with a model, its paths made absolute, so `distill eval` finds the data
+    from any folder."""
+    data = data_cfg.model_dump(mode="json")
+    for key in ("path", "data_dir", "tokenizer"):
+        if data.get(key) and Path(data[key]).expanduser().exists():  # (a tokenizer may be a hub id, not a path)
+            data[key] = str(Path(data[key]).expanduser().resolve())
+    return data
+
+
 def build_from_record(record: dict, source: str) -> torch.nn.Module:
     if "model" not in record:
-        raise UserError(f"{source} has no distill model description in its metadata; it was not written by distill")
+        raise UserError(f"{source} has no distill model description in its metadata (a training state, or a file from "
+                        "another tool): save models with Distiller.save(DIR) or `distill run`, and give that")
     try:
         config = model_config_adapter.validate_python(record["model"])
-        return build_model(config, tuple(record["input_shape"]), int(record["num_classes"]))
+        shape, classes = record.get("input_shape"), record.get("num_classes")  # (an imported class may need neither)
+        return build_model(config, tuple(shape) if shape is not None else None, int(classes) if classes is not None else None)
     except (ValidationError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, UserError):
             raise
@@ -185,11 +208,17 @@ def check_same_split(teacher_data: dict, data: dict, path: str) -> None:
     for key in SPLIT_FIELDS:
         if key == "test_fraction" and data.get("dataset") in OFFICIAL_TEST_SPLIT:
             continue
-        if key in teacher_data and teacher_data[key] != data.get(key):
+        if key in teacher_data and not _same_value(key, teacher_data[key], data.get(key)):
             raise UserError(
                 f"teacher {path} was trained with data.{key}={teacher_data[key]!r} but the recipe has {data.get(key)!r}: "
                 f"set data.{key}={teacher_data[key]!r} so the teacher never saw the validation or test rows"
             )
+
+
+def _same_value(key: str, a, b) -> bool:
+    if key == "path" and a and b:  # stored absolute (data_record); a recipe may give it relative to the current folder
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
 
 
 def load_teacher(recipe, data: DataSplits, path: str) -> torch.nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
 from distill.errors import UserError
 from distill.tasks.base import Task
+from distill.tasks.classification import data_record
 
 RECORD = "distill.json"
 
@@ -139,7 +140,7 @@ class TextTask(Task):
         kind = model_cfg.kind
         model = {"kind": "hf", "path": "."} if kind in ("hf", "hf-shrink") else model_cfg.model_dump(mode="json")
         return {"task": self.name, "model": model, "class_names": list(data.class_names),
-                "data": self.recipe.data.model_dump(mode="json"), "transfer": self.recipe.transfer.model_dump(mode="json"),
+                "data": data_record(self.recipe.data), "transfer": self.recipe.transfer.model_dump(mode="json"),
                 "seed": self.recipe.seed}
 
     def saved_name(self, role: str) -> str:

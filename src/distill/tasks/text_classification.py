@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 from distill.data import resolve_data_dir
 from distill.data.text import UNLABELLED, TextSplits, read_imdb, read_text_table, tokenize_sentences
 from distill.errors import UserError
-from distill.tasks.classification import evaluate
+from distill.tasks.classification import evaluate, majority_accuracy
 from distill.tasks.text import TextTask
 
 IMDB_CLASSES = ["negative", "positive"]
@@ -28,6 +28,9 @@ class TextClassificationTask(TextTask):
     name = "text-classification"
     metric = "accuracy"
     token_level = False
+
+    def baseline_score(self, data) -> float | None:
+        return majority_accuracy(data.train.y, data.test.y)
 
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 64) -> dict:
         return evaluate(model, data, batch_size=batch_size, device=device)
