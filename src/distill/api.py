@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from distill import saving
 from distill.errors import UserError
@@ -81,6 +81,9 @@ class Distiller:
                                 "DataLoader's batches are used as they are; pass the dataset instead, or drop batch_size")
             if train_data.batch_size:
                 train_params = {**train_params, "batch_size": train_data.batch_size}
+        if isinstance(train_data, IterableDataset) and not hasattr(train_data, "__len__"):
+            # a stream of unknown length: the default cosine schedule cannot be laid out over it
+            train_params = {"schedule": "constant", **train_params}
         try:
             cfg = TrainConfig(**train_params)
         except ValidationError as e:
