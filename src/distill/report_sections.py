@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from distill.report_text import fmt, fmt_spread, num, value_text
 
+
 def _dict(x) -> dict:
     return x if isinstance(x, dict) else {}
 
@@ -163,7 +164,8 @@ def _export_row(e: dict) -> str:
 
 def exports_section(results: dict) -> list[str]:
     """## Exported models (`distill export`): one row per exported file; [] when there is none."""
-    exports = [e for e in results.get("exports") or [] if isinstance(e, dict)] if isinstance(results.get("exports"), list) else []
+    given = results.get("exports")
+    exports = [e for e in given if isinstance(e, dict)] if isinstance(given, list) else []
     if not exports:
         return []
     batch = next((e["latency_batch"] for e in exports if num(e.get("latency_batch")) is not None), 1)
