@@ -125,11 +125,13 @@ def cmd_cache(args):
 
 
 def cmd_bench(args):
-    from distill.speed import bench, format_bench
+    from distill.speed import bench, format_bench, rounds_note
 
     result = bench(_recipe(args), teacher_path=args.teacher, epochs=args.epochs, rounds=args.rounds,
                    threads=args.threads, top_k=args.top_k, progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    if args.json and rounds_note(args.rounds):  # the JSON stays machine-readable; the caution goes to stderr
+        print(rounds_note(args.rounds), file=sys.stderr)
 
 
 RECIPE_TECHNIQUES = (

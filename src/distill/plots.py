@@ -62,35 +62,74 @@ def _color(role: str, others: list[str]) -> str:
     return f"C{(3 + others.index(role)) % 10}" if role in others else "C9"
 
 
+# What each logged part of a method's loss is (methods/*.py return them unweighted, as `parts`)
+PART_NAMES = {"hard": "cross-entropy with the labels", "ce": "cross-entropy with the labels",
+              "soft": "loss to the teacher's soft targets", "kl": "KL to the peers", "teacher": "KL to the teacher",
+              "tckd": "target-class KD (DKD)", "nckd": "non-target-class KD (DKD)", "hint": "hint MSE",
+              "derivative": "input-derivative matching", "bss": "boundary-sample KL", "at": "attention transfer",
+              "hidden": "hidden-state loss", "attention": "attention KL", "embedding": "embedding MSE"}
+
+
+def _keys(histories: dict) -> list[str]:
+    seen = {}
+    for rows in (histories or {}).values():
+        for row in rows or []:
+            if isinstance(row, dict):
+                seen.update(dict.fromkeys(k for k, v in row.items() if _finite(v)))
+    return list(seen)
+
+
+def trained_without_validation(histories: dict) -> bool:
+    """True when there are training rows but no role has a validation figure (val_fraction 0)."""
+    keys = _keys(histories)
+    return any(k.startswith("train_") for k in keys) and not any(k.startswith("val_") for k in keys)
+
+
+def curve_panels(histories: dict) -> list[tuple[str, str]]:
+    """(history key, axis label) of each panel: the validation metric, the validation loss (cross-entropy on
+    the validation rows: comparable across roles), the total training loss (each role's own objective: not
+    comparable across roles), then each logged training term on its own. Only keys some role has."""
+    keys = _keys(histories)
+    panels = [(k, "validation " + k[4:].replace("_", " ")) for k in keys if k.startswith("val_") and k != "val_loss"]
+    if "val_loss" in keys:
+        panels.append(("val_loss", "validation loss (cross-entropy)"))
+    if "train_loss" in keys:
+        panels.append(("train_loss", "total training loss\n(each role's own objective: not comparable)"))
+    for k in keys:
+        if k.startswith("train_") and k != "train_loss":
+            name = k[len("train_"):]
+            panels.append((k, f"training term '{name}', unweighted" + (f"\n({PART_NAMES[name]})" if name in PART_NAMES else "")))
+    return panels
+
+
 def plot_training_curves(histories: dict[str, list[dict]], path) -> Path | None:
-    """Two panels (val accuracy vs epoch, train loss vs epoch), one line per role; None if nothing to plot."""
-    metrics = [k for h in (histories or {}).values() for row in h for k in row if k.startswith("val_") and k != "val_loss"]
-    metric = metrics[0] if metrics else "val_accuracy"  # the task's metric: accuracy, entity_f1, ...
-    panels = [(metric, "validation " + metric[4:].replace("_", " ")), ("train_loss", "train loss")]
-    data = {key: {} for key, _ in panels}
-    for role in _role_order((histories or {}).keys()):
-        for key, _ in panels:
+    """One panel per figure in the histories (see curve_panels), one line per role that has it; None if nothing
+    to plot. No validation panel when no role has validation rows."""
+    panels = curve_panels(histories)
+    roles = _role_order((histories or {}).keys())
+    if not panels:
+        return None
+    others = [r for r in roles if r not in _FIXED]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        losses = []
+        for role in roles:
             xs, ys = _series(histories[role], key)
             if xs:
-                data[key][role] = (xs, ys)
-    if not any(data.values()):
-        return None
-    others = [r for r in _role_order(histories) if r not in _FIXED]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, label) in zip(axes, panels):
-        for role, (xs, ys) in data[key].items():
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=role, color=_color(role, others))
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=role, color=_color(role, others))
+                losses += ys
+        if not key.startswith("val_") or key == "val_loss":
+            if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
+                ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} per epoch")
+        ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-        if data[key]:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    if data["train_loss"] and all(y > 0 for _, ys in data["train_loss"].values() for y in ys):
-        axes[1].set_yscale("log")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -183,12 +183,14 @@ def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: i
         progress(f"cache: {len(rows)} rows, {stats['bytes'] / 1e6:.1f} MB in {stats['total_seconds']:.1f} s "
                  f"({stats['io_seconds'] / stats['total_seconds']:.0%} I/O)")
         times = {v: [] for v in VARIANTS}
+        per_round = {v: [] for v in VARIANTS}  # median timed epoch of each round
         peaks = {v: [] for v in VARIANTS}
         starts = {v: [] for v in VARIANTS}
         for r in range(rounds):
             for v in VARIANTS:
                 out = _in_fresh_process(v, recipe_raw, teacher_path, cache_dir, epochs + 1, threads)
                 times[v] += out["epoch_seconds"][1:]  # the first epoch warms up allocators and caches
+                per_round[v].append(statistics.median(out["epoch_seconds"][1:]))
                 peaks[v].append(out["peak_mb"])
                 starts[v].append(out["start_mb"])
                 progress(f"round {r + 1}/{rounds} {v:8s} epoch {statistics.median(out['epoch_seconds'][1:]):.3f} s, "
@@ -200,18 +202,54 @@ def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: i
         "start_mb": {v: max(starts[v]) for v in VARIANTS},
         "cache": {"bytes": stats["bytes"], "seconds": stats["total_seconds"], "io_fraction": stats["io_seconds"] / stats["total_seconds"],
                   "teacher_fraction": stats["teacher_seconds"] / stats["total_seconds"], "top_k": top_k},
-        "ratios": {"live / plain": epoch["live"] / epoch["plain"], "cached / student": epoch["cached"] / epoch["student"],
-                   "cached / live": epoch["cached"] / epoch["live"]},
+        "ratios": {name: epoch[a] / epoch[b] for name, (a, b) in RATIOS.items()},
+        "rounds": rounds, "round_epoch_seconds": per_round, "ratio_spread": ratio_spread(per_round),
     }
 
 
+RATIOS = {"live / plain": ("live", "plain"), "cached / student": ("cached", "student"), "cached / live": ("cached", "live")}
+MIN_ROUNDS = 3  # fewer rounds give no median worth the name on a shared machine
+
+
+def ratio_spread(per_round: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """min, median, max over rounds of each ratio, from each round's median epoch per variant (rounds pair
+    up: the variants of one round ran back to back); {} with fewer than 2 rounds."""
+    n = min(len(v) for v in per_round.values())
+    if n < 2:
+        return {}
+    out = {}
+    for name, (a, b) in RATIOS.items():
+        r = sorted(per_round[a][i] / per_round[b][i] for i in range(n))
+        out[name] = {"min": r[0], "median": statistics.median(r), "max": r[-1]}
+    return out
+
+
+def rounds_note(rounds: int) -> str | None:
+    """The warning printed with fewer than MIN_ROUNDS rounds."""
+    if rounds >= MIN_ROUNDS:
+        return None
+    said = "one round is noise" if rounds == 1 else f"{rounds} rounds give a range but no reliable median"
+    return f"note: on a shared machine {said}; the ratios need --rounds {MIN_ROUNDS} or more"
+
+
+def _ratio_line(name: str, value: float, spread: dict) -> str:
+    if name not in spread:
+        return f"{name:18s} {value:.3f}"
+    lo, mid, hi = (spread[name][k] for k in ("min", "median", "max"))
+    return f"{name:18s} {value:.3f}   per round: min {lo:.3f}, median {mid:.3f}, max {hi:.3f}"
+
+
 def format_bench(result: dict) -> str:
+    """The printed table: epoch time and memory per variant, the ratios (with their spread over rounds when
+    there are 2 or more), the cache's cost, and a note when the rounds are too few for the ratios to hold."""
     e, m, s, r = result["epoch_seconds"], result["peak_mb"], result["start_mb"], result["ratios"]
+    rounds = f" over {result['rounds']} round{'s' if result['rounds'] != 1 else ''}" if isinstance(result.get("rounds"), int) else ""
     lines = [f"{result['rows']} rows, batch {result['batch_size']}, {result['threads']} threads, "
-             f"median of {result['epochs_timed']} timed epochs per variant",
+             f"median of {result['epochs_timed']} timed epochs per variant{rounds}",
              "", f"{'variant':10s} {'epoch s':>9s} {'MB at start':>12s} {'peak MB':>9s}"]
     lines += [f"{v:10s} {e[v]:9.3f} {s[v]:12.0f} {m[v]:9.0f}" for v in VARIANTS]
-    lines += ["", *(f"{k:18s} {v:.3f}" for k, v in r.items()),
+    lines += ["", *(_ratio_line(k, v, result.get("ratio_spread") or {}) for k, v in r.items()),
               f"cache: {result['cache']['bytes'] / 1e6:.1f} MB written in {result['cache']['seconds']:.1f} s, "
               f"{result['cache']['teacher_fraction']:.0%} teacher forward, {result['cache']['io_fraction']:.0%} I/O"]
-    return "\n".join(lines)
+    note = rounds_note(result["rounds"]) if isinstance(result.get("rounds"), int) else None
+    return "\n".join(lines + ([note] if note else []))
