@@ -24,7 +24,7 @@ from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
-from distill.report import format_table, model_card, write_report, write_results
+from distill.report import format_table, model_card, strict_json, write_report, write_results
 from distill.run_checks import run_warnings
 from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
@@ -260,7 +260,7 @@ class Experiment:
         for line in results["warnings"]:
             log.warning("warning: %s", line)
         write_results(self.partial, results)
-        atomic_write_text(self.partial / "history.json", json.dumps(histories, indent=1))
+        atomic_write_text(self.partial / "history.json", strict_json(histories, indent=1))
         write_report(self.partial, results, histories)
         return results
 
