@@ -213,10 +213,12 @@ def test_setup_names_the_method_its_settings_and_both_architectures(tmp_path):
     assert ("- teacher: cnn, channels [32, 64], kernel_size 3, batch_norm true, hidden [256], dropout 0.3 "
             "(1,000,000 parameters); trained: 40 epochs, batch 64, adam, lr 0.001, cosine schedule, jitter 1, ran 3") in setup
     assert "computed once in the run folder (teacher.cache auto)" in setup
-    assert "- assistant1: mlp, hidden [32], activation relu (30,000 parameters); trained: 20 epochs" in setup
+    assert ("- assistant1: mlp, hidden [32], activation relu (30,000 parameters); trained: default length (20 epochs, "
+            "or more until 1,000 steps), batch 128, adam, lr 0.001, cosine schedule, ran 20") in setup
     assert "- student: mlp, hidden [64], activation relu (100,000 parameters)\n" in setup  # dropout 0 etc. are off
     assert "- scratch (the student's network trained alone): 60 epochs, batch 64, adam, lr 0.003, cosine schedule" in setup
-    assert "- distilled student: 30 epochs, batch 128, adam, lr 0.03, cosine schedule, ran 3 (student.distill_train)" in setup
+    # distill_train sets epochs and lr; the rest comes from student.train
+    assert "- distilled student: 30 epochs, batch 64, adam, lr 0.03, cosine schedule, ran 3 (student.distill_train)" in setup
     assert ("- data: digits, test set 360 rows, teacher trained on 1,293 rows, students learned from 1,293 rows "
             "(transfer.rows train), val_fraction 0.1") in setup
     assert "- seed: 0 (data split seed 0)" in setup
