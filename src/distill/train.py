@@ -259,6 +259,7 @@ def fit(
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
     total_steps = cfg.epochs * (steps_per_epoch(loader) or 0) or None  # None: an IterableDataset of unknown length
     loop = _Loop(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
+    cadence = _Cadence(every_epoch=accelerator.num_processes > 1)
     bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps or step), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
         generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
@@ -294,11 +295,13 @@ def fit(
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in (f"val_{task.metric}",) if k in row})
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
-        if state_dir is not None:
-            gathered = gather_training_state(trained, optimizer) if sharded else None  # under FSDP: every process
-            if accelerator.is_main_process:
-                _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state,
-                            improved, stop, gathered)
+        cadence.best_changed |= improved
+        if state_dir is not None and cadence.due(last=stop or epoch == cfg.epochs):
+            with cadence.writing():
+                gathered = gather_training_state(trained, optimizer) if sharded else None  # under FSDP: every process
+                if accelerator.is_main_process:
+                    _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state,
+                                cadence.best_changed, stop, gathered)
         if stop:
             log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
             break
@@ -358,6 +361,35 @@ class _Loop:
             n_batches += 1
             self.bar.update(1)
         return loss_sum, parts_sum, n_batches
+
+
+class _Cadence:
+    """When to write the resumable state: after the first and the last epoch, and otherwise once the time since the
+    last write is at least COST_RATIO times what that write took, so writing costs at most ~1/COST_RATIO of the
+    training time (epochs of a few milliseconds, a small table's, would otherwise spend 10x their time writing).
+    A kill loses at most those epochs, and replaying them is deterministic. Under several processes every epoch is
+    written (the processes must agree, and a gather under FSDP is collective)."""
+
+    COST_RATIO = 10.0
+
+    def __init__(self, every_epoch: bool):
+        self.every_epoch = every_epoch
+        self.write_seconds: float | None = None  # None: nothing written yet
+        self.written_at = 0.0
+        self.best_changed = False  # a better epoch since the last write: its weights go with the next one
+
+    def due(self, last: bool) -> bool:
+        if self.every_epoch or last or self.write_seconds is None:
+            return True
+        return time.perf_counter() - self.written_at >= self.COST_RATIO * self.write_seconds
+
+    @contextlib.contextmanager
+    def writing(self):
+        start = time.perf_counter()
+        yield
+        self.written_at = time.perf_counter()
+        self.write_seconds = self.written_at - start
+        self.best_changed = False
 
 
 def _resume(state_dir, trained, optimizer, scheduler, result: FitResult, cfg, desc: str):
