@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from distill.errors import UserError
 
@@ -15,6 +14,7 @@ USAGE_EXAMPLES = """examples:
   distill cache recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors --out caches/mnist-train
   distill distill recipes/mnist-hinton.yaml teacher.cache=caches/mnist-train   # no teacher in memory
   distill eval runs/digits/student.safetensors
+  distill export runs/digits --format onnx [--quantize int8]   # checked against PyTorch, timed beside it
   distill bench mnist-hinton --data-dir ../shared/data   # epoch time: plain PyTorch vs distill live / cached
   distill methods
 """
@@ -54,33 +54,23 @@ def cmd_distill(args):
 
 
 def cmd_eval(args):
-    from distill.checkpoint import load_model_file, load_weights
-    from distill.recipe import DataConfig, apply_overrides, validate_recipe
     from distill.report import format_table, model_card
-    from distill.tasks import make_task
-    from distill.tasks.classification import build_from_record
-    from distill.tasks.text import read_record
+    from distill.saved import load_saved
 
-    folder = Path(args.checkpoint).is_dir()  # a text model: save_pretrained folder with distill.json
-    if folder:
-        record = read_record(args.checkpoint)
-    else:
-        state, record = load_model_file(args.checkpoint)
-        model = build_from_record(record, args.checkpoint)
-        load_weights(model, state, source=args.checkpoint)
-    data_raw = apply_overrides({"data": dict(record.get("data") or DataConfig().model_dump(mode="json"))}, args.overrides)
-    if args.data_dir:
-        data_raw["data"]["data_dir"] = args.data_dir
-    recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=args.checkpoint)
-    task = make_task(recipe, args.checkpoint if folder else None)
-    data = task.load_data()
-    if folder:
-        model = task.load_model(args.checkpoint, data)
+    model, task, data = load_saved(args.checkpoint, args.overrides, args.data_dir)
     scores = dict(task.evaluate(model.eval(), data.test))
     card = model_card(model, lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
                "models": {"model": {"metric": task.metric, **scores, **card}}}
     print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))
+
+
+def cmd_export(args):
+    from distill.export import export
+
+    entry, target, table = export(args.run, role=args.role, fmt=args.format, quantize=args.quantize, out=args.out,
+                                  data_dir=args.data_dir, overrides=args.overrides)
+    print(f"{table}\n\nwritten: {target}")
 
 
 def cmd_cache(args):
@@ -180,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write a trained model as ONNX or TorchScript, checked against PyTorch and timed")
+    x.add_argument("run", help="a finished run folder (runs/NAME), or one saved model (.safetensors / text model folder)")
+    x.add_argument("--role", default="student", help="which model of the run (default: student)")
+    x.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx (run by onnxruntime) or torchscript")
+    x.add_argument("--quantize", metavar="int8", help="int8: dynamic quantization of the weights (accuracy reported, no 1e-5 check)")
+    x.add_argument("--out", help="file to write (default: RUN/export/ROLE.onnx|.pt, int8: ROLE.int8.onnx|.pt)")
+    x.add_argument("overrides", nargs="*", metavar="data.key=value", help="where the test data is, e.g. data.data_dir=/data")
+    x.add_argument("--data-dir")
+    x.set_defaults(func=cmd_export)
     c = recipe_parser("cache", "run a teacher once over a split and store its outputs for later students")
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")

@@ -1,0 +1,37 @@
+"""A model saved by distill (a .safetensors file, or a text model's folder), rebuilt with its task and test data.
+
+The file alone is enough: its description (safetensors metadata or distill.json) names the model and the data it
+was trained on, so `distill eval` and `distill export` need no recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_saved(checkpoint: str, overrides: list[str] | tuple = (), data_dir: str | None = None):
+    """(model in eval mode, task, data) of a saved model; `overrides` (data.key=value) and `data_dir` change
+    where its data is read from, not which rows it holds."""
+    from distill.checkpoint import load_model_file, load_weights
+    from distill.recipe import DataConfig, apply_overrides, validate_recipe
+    from distill.tasks import make_task
+    from distill.tasks.classification import build_from_record
+    from distill.tasks.text import read_record
+
+    folder = Path(checkpoint).is_dir()  # a text model: save_pretrained folder with distill.json
+    model = None
+    if folder:
+        record = read_record(checkpoint)
+    else:
+        state, record = load_model_file(checkpoint)
+        model = build_from_record(record, checkpoint)
+        load_weights(model, state, source=checkpoint)
+    data_raw = apply_overrides({"data": dict(record.get("data") or DataConfig().model_dump(mode="json"))}, list(overrides))
+    if data_dir:
+        data_raw["data"]["data_dir"] = data_dir
+    recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=checkpoint)
+    task = make_task(recipe, checkpoint if folder else None)
+    data = task.load_data()
+    if folder:
+        model = task.load_model(checkpoint, data)
+    return model.eval(), task, data
