@@ -2,6 +2,7 @@
 int8 quantization, text models with named inputs, and one-line refusals that leave nothing behind."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -12,7 +13,7 @@ import yaml
 from conftest import tiny_recipe
 from distill.cli import main
 from distill.errors import UserError
-from distill.export_check import logit_difference
+from distill.export_check import logit_difference, paired_latency
 
 pytest.importorskip("onnxruntime")
 
@@ -72,18 +73,33 @@ def test_export_gives_pytorchs_logits_and_is_recorded_in_the_run(run, capsys, mo
         assert 0 < lat["min"] <= lat["median"] <= lat["max"]
     assert rendered and rendered[-1]["exports"] == exports  # report.md rendered again with the entry
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's private 0600
 
     assert _export(capsys, run, "--format", fmt)[0] == 0  # the same export again replaces its entry
     assert len(_results(run)["exports"]) == 1
 
 
-def test_onnx_inputs_have_a_dynamic_batch_axis(run, capsys):
-    import onnxruntime as ort
+def test_onnx_inputs_have_a_dynamic_batch_axis_and_run_on_torchs_thread_count(run, capsys):
+    from distill.export_formats import load_exported
 
     assert _export(capsys, run, "--format", "onnx")[0] == 0
-    session = ort.InferenceSession(str(run / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
+    torch.set_num_threads(2)
+    try:
+        session = load_exported(run / "export" / "student.onnx", "onnx", torch.zeros(1, 1, 8, 8)).session
+    finally:
+        torch.set_num_threads(1)
     (inp,) = session.get_inputs()
     assert inp.name == "input" and inp.shape == ["batch", 1, 8, 8]
+    assert session.get_session_options().intra_op_num_threads == 2
+
+
+def test_latency_takes_turns_with_the_first_one_alternating():
+    calls = []
+    exported, pytorch = paired_latency(lambda: calls.append("p"), lambda: calls.append("e"), warmup=1, repeats=4)
+    assert calls == ["p", "e"] + ["p", "e", "e", "p"] * 2
+    assert set(exported) == set(pytorch) == {"min", "median", "max"} and exported["min"] <= exported["max"]
 
 
 def test_a_file_that_differs_from_pytorch_is_refused_and_not_left_behind(run, capsys, monkeypatch):
@@ -139,6 +155,8 @@ def test_one_checkpoint_is_exported_beside_itself_and_the_run_is_left_alone(run,
     code, out, _ = _export(capsys, run, "--format", "torchscript", "--out", tmp_path / "shipped" / "s.pt")
     assert code == 0 and (tmp_path / "shipped" / "s.pt").is_file()
     assert _results(run)["exports"][0]["file"] == str((tmp_path / "shipped" / "s.pt").resolve())
+    code, out, _ = _export(capsys, run, "--format", "onnx", "--out", f"{tmp_path / 'folder'}/")  # a folder: default name
+    assert code == 0 and (tmp_path / "folder" / "student.onnx").is_file()
 
 
 # ------------------------------------------------------------------ text models: dict inputs named after their keys
@@ -214,10 +232,12 @@ def test_a_run_without_the_roles_model_is_refused(run, capsys):
     assert not (run / "export").exists()
 
 
-def test_missing_onnxruntime_is_refused_with_its_pin(run, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime"])
+def test_missing_onnx_packages_are_refused_with_their_pins(run, capsys, monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     code, _, err = _export(capsys, run, "--format", "onnx")
-    assert code == 2 and len(err.splitlines()) == 1 and "onnxruntime==1.32.0" in err
+    assert code == 2 and len(err.splitlines()) == 1 and f"({module} is missing)" in err
+    assert "onnx==1.23.2 onnxruntime==1.32.0" in err
     assert not (run / "export").exists()
 
 

@@ -68,9 +68,9 @@ def cmd_eval(args):
 def cmd_export(args):
     from distill.export import export
 
-    entry, target, table = export(args.run, role=args.role, fmt=args.format, quantize=args.quantize, out=args.out,
-                                  data_dir=args.data_dir, overrides=args.overrides)
-    print(f"{table}\n\nwritten: {target}")
+    _, _, table = export(args.run, role=args.role, fmt=args.format, quantize=args.quantize, out=args.out,
+                         data_dir=args.data_dir, overrides=args.overrides)
+    print(table)
 
 
 def cmd_cache(args):

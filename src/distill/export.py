@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from distill.checkpoint import _AtomicTarget
@@ -63,7 +64,9 @@ def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str
     """Export, check and measure one model; returns (its "exports" entry, the file written, the printed table)."""
     check_options(fmt, quantize)
     model_path, run, results = find_model(path, role)
-    target = Path(out) if out else default_output(run or Path(model_path), role, run is not None, fmt, quantize)
+    target = default_output(run or Path(model_path), role, run is not None, fmt, quantize)
+    if out:  # a file, or a folder (existing, or written with a trailing /) that gets the default name
+        target = Path(out) / target.name if Path(out).is_dir() or out.endswith(("/", os.sep)) else Path(out)
     made = writable_folder(target.parent)
     try:
         with _AtomicTarget(target) as tmp:  # renamed into place only if the block passes; deleted otherwise
@@ -75,9 +78,11 @@ def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str
         raise
     entry = {"role": role if run else Path(model_path).stem, "format": fmt, "file": _relative(target, run),
              "quantization": quantize, "runtime": runtime_name(fmt), "size_mb": target.stat().st_size / 1e6, **entry}
+    table = f"{format_entry(entry, **notes)}\n\nwritten: {target}"
     if run:
         record_export(run, entry)
-    return entry, target, format_entry(entry, **notes)
+        table += f"\nrecorded in {run / 'results.json'} (\"exports\") and {run / 'report.md'}"
+    return entry, target, table
 
 
 def _measurement(results: dict) -> dict:
@@ -96,14 +101,12 @@ def _export_checked(model_path, fmt, quantize, tmp: Path, data_dir, overrides, m
     test, kind = data.test, model_kind(model)
     example = test.__getitems__(list(range(min(TRACE_ROWS, len(test)))))[0]
     write_export(model, example, tmp, fmt, quantize)
-    exported = load_exported(tmp, fmt, example)
-    batches = check_batches(test)
     try:
-        diff, ok = logit_difference(model, exported, batches)
-    except Exception as e:  # an exported graph that cannot run other shapes than the traced one
+        exported = load_exported(tmp, fmt, example)
+        diff, ok = logit_difference(model, exported, check_batches(test))
+    except Exception as e:  # e.g. a graph that cannot run other shapes than the traced one
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"the {fmt} export of {kind} fails on test batches shaped unlike the traced one ({reason}): "
-                        "nothing written") from None
+        raise UserError(f"the {fmt} export of {kind} does not run on the test batches ({reason}): nothing written") from None
     if not math.isfinite(diff) or (not quantize and not ok):
         raise UserError(f"the {fmt} export of {kind} gives logits up to {diff:.3g} away from PyTorch's on "
                         f"{min(len(test), CHECK_ROWS)} test examples (allowed: {TOLERANCE:g} + {TOLERANCE:g}·|logit|): nothing written")
