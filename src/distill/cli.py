@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--role", default="student", help="which model of the run (default: student)")
     x.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx (run by onnxruntime) or torchscript")
     x.add_argument("--quantize", metavar="int8", help="int8: dynamic quantization of the weights (accuracy reported, no 1e-5 check)")
-    x.add_argument("--out", help="file to write (default: RUN/export/ROLE.onnx|.pt, int8: ROLE.int8.onnx|.pt)")
+    x.add_argument("--out", help="file or folder to write (default: RUN/export/ROLE.onnx|.pt, int8: ROLE.int8.onnx|.pt)")
     x.add_argument("overrides", nargs="*", metavar="data.key=value", help="where the test data is, e.g. data.data_dir=/data")
     x.add_argument("--data-dir")
     x.set_defaults(func=cmd_export)

@@ -53,7 +53,8 @@ def read_results(run: Path) -> dict:
     try:
         results = json.loads((run / "results.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{run / 'results.json'} cannot be read as JSON ({type(e).__name__}): rerun the experiment") from None
+        raise UserError(f"{run / 'results.json'} cannot be read as JSON ({type(e).__name__}): "
+                        "rerun the experiment") from None
     if not isinstance(results, dict):
         raise UserError(f"{run / 'results.json'} is not a results object: rerun the experiment")
     return results
@@ -106,10 +107,12 @@ def _export_checked(model_path, fmt, quantize, tmp: Path, data_dir, overrides, m
         diff, ok = logit_difference(model, exported, check_batches(test))
     except Exception as e:  # e.g. a graph that cannot run other shapes than the traced one
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"the {fmt} export of {kind} does not run on the test batches ({reason}): nothing written") from None
+        raise UserError(f"the {fmt} export of {kind} does not run on the test batches ({reason}): "
+                        "nothing written") from None
     if not math.isfinite(diff) or (not quantize and not ok):
         raise UserError(f"the {fmt} export of {kind} gives logits up to {diff:.3g} away from PyTorch's on "
-                        f"{min(len(test), CHECK_ROWS)} test examples (allowed: {TOLERANCE:g} + {TOLERANCE:g}·|logit|): nothing written")
+                        f"{min(len(test), CHECK_ROWS)} test examples (allowed: {TOLERANCE:g} + {TOLERANCE:g}·|logit|): "
+                        "nothing written")
     one = task.latency_inputs(data, LATENCY_BATCH)
     latency, latency_pytorch = paired_latency(lambda: model(one), _caller(exported, fmt, one), warmup=meas["warmup"],
                                               repeats=meas["repeats"])

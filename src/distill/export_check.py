@@ -72,9 +72,11 @@ def _latency(lat: dict) -> str:
 
 def format_entry(e: dict, *, checked: int, threads: int, repeats: int) -> str:
     """The exports entry as a small table, and how it was measured."""
-    speedup = e["latency_ms_pytorch"]["median"] / e["latency_ms"]["median"] if e["latency_ms"]["median"] > 0 else float("nan")
+    median, median_pytorch = e["latency_ms"]["median"], e["latency_ms_pytorch"]["median"]
+    speedup = median_pytorch / median if median > 0 else float("nan")
     rule = (f"every logit within {e['tolerance']:g} + {e['tolerance']:g}·|PyTorch logit| on {checked} "
-            "test examples: passed" if e["tolerance"] is not None else "int8: no tolerance check; the difference is reported")
+            "test examples: passed" if e["tolerance"] is not None
+            else "int8: no tolerance check; the difference is reported")
     headers = ["format", "file", "MB", "max |diff|", f"{e['metric']} exported / PyTorch",
                f"latency ms b{e['latency_batch']}: {e['runtime'].split(' ')[0]}", "PyTorch", "speed-up"]
     row = [e["format"] + (f" {e['quantization']}" if e["quantization"] else ""), e["file"], f"{e['size_mb']:.3f}",
@@ -86,4 +88,4 @@ def format_entry(e: dict, *, checked: int, threads: int, repeats: int) -> str:
                       f"check: {rule}",
                       f"runtime: {e['runtime']}; latency: median (min-max) of {repeats} forwards at batch "
                       f"{e['latency_batch']} after warm-up, PyTorch and the export taking turns, "
-                      f"torch threads = onnxruntime intra-op threads = {threads}"])
+                      "torch threads = " + ("onnxruntime intra-op threads = " if e["format"] == "onnx" else "") + str(threads)])
