@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from distill.errors import UserError
 
@@ -15,6 +14,7 @@ USAGE_EXAMPLES = """examples:
   distill cache recipes/mnist-hinton.yaml --teacher runs/mnist-hinton/teacher.safetensors --out caches/mnist-train
   distill distill recipes/mnist-hinton.yaml teacher.cache=caches/mnist-train   # no teacher in memory
   distill eval runs/digits/student.safetensors
+  distill export runs/digits --format onnx [--quantize int8]   # checked against PyTorch, timed beside it
   distill bench mnist-hinton --data-dir ../shared/data   # epoch time: plain PyTorch vs distill live / cached
   distill methods
 """
@@ -55,41 +55,23 @@ def cmd_distill(args):
 
 
 def cmd_eval(args):
-    from distill.checkpoint import load_model_file, load_weights
-    from distill.recipe import apply_overrides, validate_recipe
     from distill.report import format_table, model_card
-    from distill.tasks import make_task
-    from distill.tasks.classification import build_from_record
-    from distill.tasks.text import read_record
+    from distill.saved import load_saved
 
-    checkpoint = args.checkpoint
-    folder = Path(checkpoint).is_dir()  # a text model (save_pretrained folder with distill.json), or Distiller.save's
-    if folder and read_record(checkpoint)["task"] == "classification":
-        checkpoint, folder = str(Path(checkpoint) / "model.safetensors"), False  # Distiller.save: weights + description
-    if folder:
-        record = read_record(checkpoint)
-    else:
-        state, record = load_model_file(checkpoint)
-        model = build_from_record(record, checkpoint)
-        load_weights(model, state, source=checkpoint)
-    given = {o.partition("=")[0] for o in args.overrides}
-    if not record.get("data") and "data.dataset" not in given:
-        raise UserError(f"{args.checkpoint} does not record the data it was trained on: name it, e.g. `distill eval "
-                        f"{args.checkpoint} data.dataset=table data.path=FILE.csv data.label_column=COLUMN` (or save "
-                        "it with Distiller.save(DIR, data={...}))")
-    data_raw = apply_overrides({"data": dict(record.get("data") or {})}, args.overrides)
-    if args.data_dir:
-        data_raw["data"]["data_dir"] = args.data_dir
-    recipe = validate_recipe({**data_raw, "seed": record.get("seed", 0)}, source=args.checkpoint)
-    task = make_task(recipe, checkpoint if folder else None)
-    data = task.load_data()
-    if folder:
-        model = task.load_model(checkpoint, data)
+    model, task, data = load_saved(args.checkpoint, args.overrides, args.data_dir)
     scores = dict(task.evaluate(model.eval(), data.test))
     card = model_card(model, lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
                "models": {"model": {"metric": task.metric, **scores, **card}}}
     print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))
+
+
+def cmd_export(args):
+    from distill.export import export
+
+    _, _, table = export(args.run, role=args.role, fmt=args.format, quantize=args.quantize, out=args.out,
+                         data_dir=args.data_dir, overrides=args.overrides)
+    print(table)
 
 
 def cmd_cache(args):
@@ -199,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _allow_import(e)
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write a trained model as ONNX or TorchScript, checked against PyTorch and timed")
+    x.add_argument("run", help="a finished run folder (runs/NAME), or one saved model (.safetensors / text model folder)")
+    x.add_argument("--role", default="student", help="which model of the run (default: student)")
+    x.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx (run by onnxruntime) or torchscript")
+    x.add_argument("--quantize", metavar="int8", help="int8: dynamic quantization of the weights (accuracy reported, no 1e-5 check)")
+    x.add_argument("--out", help="file or folder to write (default: RUN/export/ROLE.onnx|.pt, int8: ROLE.int8.onnx|.pt)")
+    x.add_argument("overrides", nargs="*", metavar="data.key=value", help="where the test data is, e.g. data.data_dir=/data")
+    x.add_argument("--data-dir")
+    x.set_defaults(func=cmd_export)
     c = recipe_parser("cache", "run a teacher once over a split and store its outputs for later students")
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
