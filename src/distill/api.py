@@ -57,9 +57,12 @@ class Distiller:
         return list(self.student.parameters()) + list(self.method.parameters())
 
     def fit(self, train_data, val_data=None, *, seed: int = 0, state_dir=None, resume: bool = False,
-            progress: bool = True, **train_params) -> FitResult:
-        """Train the student with our loop. train_params are TrainConfig fields (epochs, lr, batch_size, ...)."""
+            progress: bool = True, trackers=None, tracking_dir=None, **train_params) -> FitResult:
+        """Train the student with our loop. train_params are TrainConfig fields (epochs, lr, batch_size, ...).
+        trackers: Accelerate trackers (["tensorboard", "mlflow", ...]) that get every epoch's metrics as
+        `distill/<key>`, writing under tracking_dir (default ./tracking)."""
         from distill.recipe import TrainConfig
+        from distill.tracking import fit_tracking
 
         try:
             cfg = TrainConfig(**train_params)
@@ -67,5 +70,7 @@ class Distiller:
             err = e.errors()[0]
             raise UserError(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self._ready = True  # fit calls method.setup itself
-        return fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
-                   resume=resume, desc="distill", progress=progress)
+        with fit_tracking(trackers, tracking_dir, {"distill": self.method.config.model_dump(mode="json"),
+                                                       "train": cfg.model_dump(mode="json")}) as accelerator:
+            return fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
+                       resume=resume, desc="distill", progress=progress, accelerator=accelerator)
