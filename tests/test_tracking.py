@@ -116,6 +116,20 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_tensorboard_folder(tm
     assert [s for s, _ in scalars["student/val_loss"]] == [1, 2, 3] and "final/student/score" in scalars
 
 
+def test_with_mlflow_tracking_uri_set_mlflow_logs_to_that_server(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    server = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.chdir(tmp_path)  # that store keeps its artifacts in ./mlruns
+    _, out = _teacher_only(tmp_path, ["mlflow"])
+    assert not (out / "tracking").exists() and os.environ["MLFLOW_TRACKING_URI"] == server
+    client = MlflowClient(tracking_uri=server)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "teacher/train_loss")] == [1, 2]
+    assert "results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_unknown_tracker_is_one_line_naming_the_valid_ones(tmp_path):
     with pytest.raises(UserError) as e:
         _recipe(tmp_path, ["tensorbord"])
@@ -132,6 +146,15 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(t
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
         run_recipe(_recipe(tmp_path, ["tensorboard", "mlflow"]), progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracker_that_accelerate_would_drop_is_refused_not_skipped(tmp_path, monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # its own import-time check
+    with pytest.raises(UserError, match="Accelerate cannot find tensorboard: pip install tensorboard"):
+        _teacher_only(tmp_path, ["tensorboard"])
+    assert not (tmp_path / "runs" / "tiny.partial").exists() and not (tmp_path / "runs" / "tiny").exists()
 
 
 def test_no_trackers_no_tracking_folder_and_a_failing_tracker_does_not_lose_the_run(tmp_path, monkeypatch):
@@ -190,6 +213,8 @@ def test_log_epoch_leaves_out_what_was_not_measured_and_gives_wandb_the_epoch_as
     log_epoch(accelerator, "scratch", {"epoch": 3, "train_loss": 0.5, "val_loss": float("nan"), "lr": 1e-3})
     assert tensorboard.calls == [({"scratch/train_loss": 0.5, "scratch/lr": 1e-3}, 3)]
     assert wandb.calls == [({"scratch/train_loss": 0.5, "scratch/lr": 1e-3, "scratch/epoch": 3}, None)]
+    log_epoch(accelerator, "specialist 1", {"epoch": 1, "train_loss": 0.25})  # names MLflow and TensorBoard take
+    assert tensorboard.calls[-1] == ({"specialist_1/train_loss": 0.25}, 1)
 
 
 def test_flat_config_and_final_metrics():
@@ -199,12 +224,13 @@ def test_flat_config_and_final_metrics():
                                    "student.train.patience": "null", "assistants.0.model.hidden": "[32]",
                                    "transfer.omit_classes": "[]", "seed": 0, "t2": True}
     models = {"teacher": {"score": 0.9, "params": 1000, "latency_ms": 2.0},
-              "student": {"score": 0.8, "params": 100, "latency_ms": 0.5, "throughput_per_s": None}}
+              "student": {"score": 0.8, "params": 100, "latency_ms": 0.5, "throughput_per_s": None},
+              "student+bias": {"score": 0.85}}
     assert final_metrics({"models": models}) == {
         "final/teacher/score": 0.9, "final/teacher/params": 1000.0, "final/teacher/latency_ms": 2.0,
         "final/teacher/speedup": 1.0, "final/teacher/compression": 1.0,
         "final/student/score": 0.8, "final/student/params": 100.0, "final/student/latency_ms": 0.5,
-        "final/student/speedup": 4.0, "final/student/compression": 10.0}
+        "final/student/speedup": 4.0, "final/student/compression": 10.0, "final/student_bias/score": 0.85}
 
 
 def test_under_torchrun_only_the_main_process_logs(tmp_path):

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def metric_key(*parts: str) -> str:
+    """A metric name every tracker takes: ("final", "student+bias", "score") -> "final/student_bias/score". MLflow
+    refuses characters other than letters, digits, _ - . / : and space; TensorBoard rewrites spaces ("specialist 1")."""
+    return re.sub(r"[^\w.\-/]", "_", "/".join(parts))
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -91,7 +98,7 @@ def final_metrics(results: dict) -> dict:
             fields["speedup"] = teacher["latency_ms"] / m["latency_ms"]
         if _number(teacher.get("params")) and _number(m.get("params")) and m["params"] > 0:
             fields["compression"] = teacher["params"] / m["params"]
-        values.update({f"final/{role}/{f}": float(v) for f, v in fields.items() if _number(v)})
+        values.update({metric_key("final", role, f): float(v) for f, v in fields.items() if _number(v)})
     return values
 
 
@@ -100,10 +107,10 @@ def log_epoch(accelerator, role: str, row: dict) -> None:
     epoch; non-finite values (no validation rows) are left out. Nothing without trackers."""
     if not accelerator.trackers:
         return
-    values = {f"{role}/{k}": float(v) for k, v in row.items() if k != "epoch" and _number(v)}
+    values = {metric_key(role, k): float(v) for k, v in row.items() if k != "epoch" and _number(v)}
     for tracker in list(accelerator.trackers):
         if tracker.name in RUN_STEP_TRACKERS:
-            _safely(accelerator, tracker, "log", {**values, f"{role}/epoch": row["epoch"]})
+            _safely(accelerator, tracker, "log", {**values, metric_key(role, "epoch"): row["epoch"]})
         else:
             _safely(accelerator, tracker, "log", values, step=row["epoch"])
 
