@@ -197,6 +197,8 @@ def test_the_python_api_logs_every_epoch(tmp_path, digits):
     scalars, _ = _scalars(tmp_path / "tb" / "distill")
     assert scalars["distill/val_accuracy"] == [(r["epoch"], pytest.approx(r["val_accuracy"], rel=1e-6)) for r in result.history]
     assert [s for s, _ in scalars["distill/train_soft"]] == [1, 2]
+    with pytest.raises(UserError, match="^trackers: unknown tracker 'tensorbord': choose from aim, tensorboard"):
+        Distiller(teacher, student).fit(digits.train, epochs=1, trackers=["tensorbord"])
 
 
 class _Tracker:

@@ -46,17 +46,17 @@ FINAL_FIELDS = ("score", "params", "size_mb_fp32", "latency_ms", "throughput_per
 ARTIFACTS = ("results.json", "report.md", "history.json", "curves.png", "accuracy_vs_size.png")
 
 
-def check_trackers(names, own_mlflow_store: bool) -> None:
+def check_trackers(names, own_mlflow_store: bool, field: str = "report.trackers") -> None:
     """Refuse, before anything is trained, trackers that Accelerate would silently drop (package missing)."""
     for name in names:
-        if name not in PACKAGES:
-            raise UserError(f"report.trackers: unknown tracker {name!r}: choose from {', '.join(TRACKERS)}")
-        pip, modules = PACKAGES[name]
+        if name not in TRACKERS:
+            raise UserError(f"{field}: unknown tracker {name!r}: choose from {', '.join(TRACKERS)}")
+        pip, modules = PACKAGES.get(name, (name, (name,)))  # (a tracker added to Accelerate after this list)
         if not any(importlib.util.find_spec(m) for m in modules):
-            raise UserError(f"report.trackers: {name} needs the {pip} package, which is not installed: "
-                            f"pip install {pip} (or remove {name} from report.trackers)")
+            raise UserError(f"{field}: {name} needs the {pip} package, which is not installed: "
+                            f"pip install {pip} (or remove {name} from {field})")
     if "mlflow" in names and own_mlflow_store and not all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic")):
-        raise UserError("report.trackers: mlflow keeps its runs in an SQLite file (tracking/mlflow/mlflow.db), which "
+        raise UserError(f"{field}: mlflow keeps its runs in an SQLite file (tracking/mlflow/mlflow.db), which "
                         "needs SQLAlchemy and alembic: pip install mlflow (not mlflow-skinny), or set "
                         "MLFLOW_TRACKING_URI to your tracking server")
 
@@ -140,14 +140,14 @@ class Tracking:
     closed after the report, and, for MLflow, given the run's files once they are published."""
 
     def __init__(self, names, project: str, config: dict, tracking_dir: str | Path | None, live_dir: Path,
-                 final_dir: Path | None = None, run_id_file: Path | None = None):
-        self.names, self.project, self.config = list(dict.fromkeys(names)), project, config
+                 final_dir: Path | None = None, run_id_file: Path | None = None, field: str = "report.trackers"):
+        self.names, self.project, self.config, self.field = list(dict.fromkeys(names)), project, config, field
         self.run_id_file = run_id_file  # the MLflow run a resumed run goes on with
         self.live_dir = Path(tracking_dir or live_dir).absolute()  # where the trackers write during the run
         self.final_dir = Path(tracking_dir or final_dir or live_dir).absolute()  # where those files end up
         self.server = None if tracking_dir else os.environ.get("MLFLOW_TRACKING_URI")  # the user's MLflow
         self.accelerator, self.mlflow_run, self.previous_uri, self.uri_set = None, None, None, False
-        check_trackers(self.names, own_mlflow_store=self.server is None)
+        check_trackers(self.names, own_mlflow_store=self.server is None, field=field)
 
     @classmethod
     def for_run(cls, recipe, partial: Path, out: Path) -> "Tracking":
@@ -170,7 +170,7 @@ class Tracking:
             return
         dropped = [n for n in self.names if n not in {str(t) for t in accelerator.log_with}]
         if dropped:  # Accelerate leaves out, silently, a tracker whose package it cannot find
-            raise UserError(f"report.trackers: Accelerate cannot find {dropped[0]}: pip install {PACKAGES[dropped[0]][0]}")
+            raise UserError(f"{self.field}: Accelerate cannot find {dropped[0]}: pip install {PACKAGES.get(dropped[0], dropped)[0]}")
         init = {}
         if "mlflow" in self.names and accelerator.is_main_process:
             import mlflow
@@ -188,8 +188,8 @@ class Tracking:
             accelerator.init_trackers(self.project, config=flat_config(self.config), init_kwargs=init)
         except Exception as e:  # noqa: BLE001
             self.finish(quiet=True)  # end those that did start
-            raise UserError(f"report.trackers: a tracker could not start ({type(e).__name__}: {_first_line(e)}): "
-                            "fix it, or remove it from report.trackers") from None
+            raise UserError(f"{self.field}: a tracker could not start ({type(e).__name__}: {_first_line(e)}): "
+                            f"fix it, or remove it from {self.field}") from None
         if "mlflow" in self.names and accelerator.is_main_process:
             self.mlflow_run = accelerator.get_tracker("mlflow").tracker.info.run_id
             if self.run_id_file is not None:
@@ -268,7 +268,7 @@ def fit_tracking(trackers, tracking_dir, config: dict, project: str = "distill")
         return
     from distill.train import make_accelerator
 
-    tracking = Tracking(trackers, project, config, tracking_dir, Path("tracking"))
+    tracking = Tracking(trackers, project, config, tracking_dir, Path("tracking"), field="trackers")
     tracking.start(make_accelerator(**tracking.accelerator_options()))
     try:
         yield tracking.accelerator
