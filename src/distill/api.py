@@ -66,13 +66,16 @@ class Distiller:
         return list(self.student.parameters()) + list(self.method.parameters())
 
     def fit(self, train_data, val_data=None, *, seed: int = 0, state_dir=None, resume: bool = False,
-            progress: bool = True, **train_params) -> FitResult:
+            progress: bool = True, trackers=None, tracking_dir=None, **train_params) -> FitResult:
         """Train the student with our loop and leave it with its best-on-validation weights (result.student).
 
         train_data: any map-style Dataset yielding (x, y), a Subset, an IterableDataset, or a DataLoader (used as
         given: its batch size counts, so passing another batch_size is refused). train_params are TrainConfig
-        fields (epochs, min_steps, lr, batch_size, optimizer, schedule, ...; `distill methods` and the README)."""
+        fields (epochs, min_steps, lr, batch_size, optimizer, schedule, ...; `distill methods` and the README).
+        trackers: Accelerate trackers (["tensorboard", "mlflow", ...]) that get every epoch's metrics as
+        `<method>/<key>`, writing under tracking_dir (default ./tracking)."""
         from distill.recipe import TrainConfig
+        from distill.tracking import fit_tracking
 
         if isinstance(train_data, DataLoader):
             given = train_params.get("batch_size")
@@ -90,8 +93,10 @@ class Distiller:
             err = e.errors()[0]
             raise UserError(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self._ready = True  # fit calls method.setup itself
-        self.result = fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
-                          resume=resume, desc=self.method.name, progress=progress)
+        with fit_tracking(trackers, tracking_dir, {"distill": self.method.config.model_dump(mode="json"),
+                                                   "train": cfg.model_dump(mode="json")}) as accelerator:
+            self.result = fit(self.student, self.method, train_data, val_data, cfg, seed=seed, state_dir=state_dir,
+                              resume=resume, desc=self.method.name, progress=progress, accelerator=accelerator)
         return self.result
 
     def save(self, path, *, init_kwargs: dict | None = None, data: dict | None = None) -> Path:

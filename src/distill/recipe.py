@@ -17,6 +17,7 @@ from distill.methods import MethodConfigUnion
 from distill.methods.kd import KDConfig
 from distill.students import ModelConfig
 from distill.students.mlp import MLPConfig
+from distill.tracking import TRACKERS
 
 
 class _Strict(BaseModel):
@@ -174,6 +175,10 @@ class ReportConfig(_Strict):
     latency_batch: int = Field(1, ge=1)
     throughput_batch: int = Field(256, ge=1)
     repeats: int = Field(30, ge=1)
+    trackers: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="experiment trackers through Accelerate (tensorboard, mlflow, wandb, ...): "
+                                          "every epoch's metrics and the final table; their package must be installed")
+    tracking_dir: str | None = Field(None, description="where local trackers write (default: the run folder's tracking/)")
 
 
 class Recipe(_Strict):

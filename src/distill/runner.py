@@ -33,6 +33,7 @@ from distill.tasks import make_task
 from distill.tasks.classification import model_record
 from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, recipe_rows
 from distill.train import fit, make_accelerator
+from distill.tracking import Tracking
 
 log = logging.getLogger("distill")
 ROLES = ("teacher", "scratch", "student")
@@ -132,6 +133,7 @@ class Experiment:
                 raise UserError(f"assistants[{i - 1}]: {e}") from None
         self.out = Path(recipe.output_dir) / recipe.name
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self.tracking = Tracking.for_run(recipe, self.partial, self.out)  # trackers' packages checked here
         # under `accelerate launch` every process trains; only the main one writes the run folder
         self.main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
@@ -177,14 +179,19 @@ class Experiment:
         try:
             results = self._run(resume)
         except UserError:
+            self.tracking.finish()
             log.removeHandler(handler)
             handler.close()
             if not resume:
                 shutil.rmtree(self.partial, ignore_errors=True)
             raise
+        except BaseException:  # killed: the .partial folder stays for --resume; the trackers are closed
+            self.tracking.finish(quiet=True)
+            raise
         log.removeHandler(handler)
         handler.close()
         self._publish()
+        self.tracking.log_artifacts(self.out)  # MLflow copies them: from their published place
         return results
 
     def _run(self, resume: bool) -> dict:
@@ -192,7 +199,8 @@ class Experiment:
         if self.main:
             atomic_write_text(self.partial / "recipe.yaml", recipe_to_yaml(r))
         log.info("recipe %s on %s: %d train / %d val / %d test rows", r.name, self.data.name, len(self.data.train), len(self.data.val), len(self.data.test))
-        accelerator = make_accelerator(r.mixed_precision)
+        accelerator = make_accelerator(r.mixed_precision, **self.tracking.accelerator_options())
+        self.tracking.start(accelerator, resume)
         models, histories, seconds, epochs = {}, {}, {}, {}
 
         if self.teacher_given or ("teacher" not in self.stages and self.cache is None):
@@ -262,6 +270,7 @@ class Experiment:
         write_results(self.partial, results)
         atomic_write_text(self.partial / "history.json", strict_json(histories, indent=1))
         write_report(self.partial, results, histories)
+        self.tracking.log_results(results)
         return results
 
     def _with_specialists(self, generalist, accelerator, resume: bool) -> GeneralistWithSpecialists:

@@ -36,6 +36,7 @@ from distill.errors import UserError
 from distill.methods.base import Method
 from distill.tasks.base import Task
 from distill.tasks.classification import ClassificationTask, random_shift
+from distill.tracking import log_epoch
 
 log = logging.getLogger("distill")
 DEFAULT_EPOCHS = 20  # when train.epochs is not set ...
@@ -52,7 +53,7 @@ class FitResult:
     student: nn.Module | None = None  # the trained model, holding the best epoch's weights (the last epoch's without validation)
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, trackers=(), tracking_dir=None) -> Accelerator:
     """One Accelerator per process (Accelerate keeps global state). GPU when present unless cpu=True.
 
     Under `accelerate launch` / torchrun this is data-parallel: DDP, or FSDP when Accelerate's config asks for it
@@ -70,7 +71,8 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Ac
     if _asked_for("DEEPSPEED"):
         raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED), which distill does not support: "
                         "use DDP or FSDP (accelerate config)")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=list(trackers) or None, project_dir=tracking_dir)  # trackers: see tracking.py
     if _asked_for("FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         # Accelerate silently falls back to DDP when it cannot set FSDP up (it does so on GPUs only)
         raise UserError(f"the launch asks for FSDP (ACCELERATE_USE_FSDP) but Accelerate set up distributed type "
@@ -292,6 +294,7 @@ def fit(
         else:
             bad_epochs += 1
         result.history.append(row)
+        log_epoch(accelerator, desc, row)  # to the accelerator's trackers, if any (tracking.py)
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in (f"val_{task.metric}",) if k in row})
         log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
