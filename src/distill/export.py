@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from distill.checkpoint import _AtomicTarget
+from distill.data.arrays import gather
 from distill.errors import UserError
 from distill.export_check import CHECK_ROWS, TOLERANCE, check_batches, format_entry, logit_difference, paired_latency
 from distill.export_formats import (check_options, default_output, load_exported, model_kind, runtime_name,
@@ -100,7 +101,7 @@ def _export_checked(model_path, fmt, quantize, tmp: Path, data_dir, overrides, m
 
     model, task, data = load_saved(model_path, overrides, data_dir)
     test, kind = data.test, model_kind(model)
-    example = test.__getitems__(list(range(min(TRACE_ROWS, len(test)))))[0]
+    example = gather(test, list(range(min(TRACE_ROWS, len(test)))))[0]
     write_export(model, example, tmp, fmt, quantize)
     try:
         exported = load_exported(tmp, fmt, example)

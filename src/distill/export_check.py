@@ -12,6 +12,8 @@ import statistics
 import time
 
 import torch
+
+from distill.data.arrays import gather
 from torch import nn
 
 TOLERANCE = 1e-5
@@ -21,7 +23,7 @@ CHECK_ROWS, CHECK_BATCH = 256, 100
 def check_batches(test) -> list:
     """Inputs of the first CHECK_ROWS test examples, CHECK_BATCH at a time (text batches are padded per batch)."""
     n = min(CHECK_ROWS, len(test))
-    return [test.__getitems__(list(range(s, min(s + CHECK_BATCH, n))))[0] for s in range(0, n, CHECK_BATCH)]
+    return [gather(test, list(range(s, min(s + CHECK_BATCH, n))))[0] for s in range(0, n, CHECK_BATCH)]
 
 
 def logit_difference(model: nn.Module, exported: nn.Module, batches: list) -> tuple[float, bool]:
