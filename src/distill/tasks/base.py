@@ -47,9 +47,7 @@ class Task(ABC):
         """The rows a model trained without a teacher learns from (the teacher, the scratch student)."""
         return rows
 
-    # an equal score with a lower validation loss counts as better: on a small validation split (a 150-row table has
-    # 15 rows) the best accuracy is often first reached by a barely trained epoch, which would otherwise be kept
-    tie_break_on_loss: ClassVar[bool] = True
+    tie_break_on_loss: ClassVar[bool] = False  # an equal score with a lower validation loss counts as better
 
     def better(self, score: float, best: float, loss: float = float("nan"), best_loss: float = float("nan")) -> bool:
         if score == best and self.tie_break_on_loss:

@@ -28,6 +28,7 @@ class TaggingTask(TextTask):
     name = "tagging"
     metric = "entity_f1"
     token_level = True
+    tie_break_on_loss = True
     variable_rows = True
 
     @torch.inference_mode()
