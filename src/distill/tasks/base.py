@@ -50,6 +50,10 @@ class Task(ABC):
     tie_break_on_loss: ClassVar[bool] = False  # an equal score with a lower validation loss counts as better
 
     def better(self, score: float, best: float, loss: float = float("nan"), best_loss: float = float("nan")) -> bool:
-        if score == best and self.tie_break_on_loss:
-            return loss < best_loss  # e.g. entity F1 stuck at 0 while a tagger still learns to predict "O"
+        """Whether an epoch with this validation score beats the best so far. An equal score counts as better (the
+        later epoch is kept): on a small validation split (a 150-row table has 15 rows) the best score is often
+        first reached by a barely trained epoch, and the later epochs that tie with it have trained longer."""
+        if score == best:
+            # tie_break_on_loss: e.g. entity F1 stuck at 0 while a tagger still learns to predict "O"
+            return loss < best_loss if self.tie_break_on_loss else True
         return score > best if self.greater_is_better else score < best
