@@ -199,47 +199,19 @@ def fit(
 ) -> FitResult:
     """Train `model` with `method`'s loss under the TrainConfig `cfg`; return with the best-on-validation weights.
 
-    state_dir: where a resumable checkpoint is written after every epoch (model, optimizer, scheduler, RNG,
-    epoch, history); with resume=True an existing one there is continued. val_data=None trains for all epochs
-    and keeps the last weights. task: what the batches and models are and how they are scored (default:
-    classification of in-memory (x, y) rows); its metric picks the best epoch.
-    """
+    state_dir: where a resumable checkpoint (model, optimizer, scheduler, RNG, epoch, history) is written (see
+    _Cadence); resume=True continues one. val_data=None keeps the last weights. task: what the batches and models
+    are and how they are scored (default: in-memory (x, y) classification); its metric picks the best epoch."""
     task = task or ClassificationTask()
-    if cfg.jitter and _is_cached(getattr(method, "teacher", None)):
-        raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
-                        "inputs: set train.jitter=0 or use the live teacher")
     accelerator = accelerator or make_accelerator()
-    check_engine(accelerator)
-    if cfg.batch_size % accelerator.num_processes:
-        raise UserError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among the "
-                        f"{accelerator.num_processes} processes: use a multiple of {accelerator.num_processes}")
-    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
-        val_data = None  # no validation rows (val_fraction: 0): keep the last epoch's weights
+    val_data = _check_fit(method, val_data, cfg, accelerator, desc)
     set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
     generator = torch.Generator()
     loader = make_loader(train_data, cfg.batch_size, generator)
     cfg = cfg.model_copy(update={"epochs": resolve_epochs(cfg, steps_per_epoch(loader), desc)})
-    model.to(accelerator.device)
-    # trainable parts of the method (regressors, peers), before the optimizer exists; a cached teacher gets
-    # that batch's outputs first, so a feature method can read the cached layers' shapes
-    first = send_to_device(next(iter(loader)), accelerator.device)
-    _feed_teacher(getattr(method, "teacher", None), first, first[0])
-    method.setup(model, first[0])
-    method.modules.to(accelerator.device)
-    sharded = accelerator.distributed_type == DistributedType.FSDP
     target = model  # what the caller gets back trained: under FSDP a plain module, as with one process
-    if sharded:
-        # FSDP shards a copy in place; its trained weights are gathered back into `model` at the end. FSDP2
-        # shards a model only together with an optimizer, whose parameters it swaps for their shards: that one
-        # is thrown away, and the real one is built over the sharded parameters plus the method's own.
-        model = copy.deepcopy(model)
-        prepared_model, _ = accelerator.prepare(model, make_optimizer(model.parameters(), cfg))
-        optimizer = make_optimizer(list(prepared_model.parameters()) + list(method.parameters()), cfg)
-        prepared_opt, prepared_loader = accelerator.prepare_optimizer(optimizer), accelerator.prepare_data_loader(loader)
-    else:
-        optimizer = make_optimizer(list(model.parameters()) + list(method.parameters()), cfg)
-        prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
-    params = list(prepared_model.parameters()) + list(method.parameters())  # what gradient clipping sees
+    prepared_model, optimizer, prepared_opt, prepared_loader = _prepare(model, method, loader, cfg, accelerator)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(loader))
     raw_model = accelerator.unwrap_model(prepared_model)
     trained = nn.ModuleDict({"student": raw_model, "method": method.modules})  # what a checkpoint holds
@@ -250,17 +222,8 @@ def fit(
     if resume and state_dir is not None and has_training_state(state_dir):
         start_epoch, step, bad_epochs, best_state = _resume(state_dir, trained, optimizer, scheduler, result, cfg, desc)
 
-    # examples own different numbers of label rows (a tagger's words): each process's per-row mean is weighted by
-    # its share of the step's rows, so DDP's average of gradients is the mean over all rows, as with one process
-    share_rows = task.variable_rows and accelerator.num_processes > 1
-    constrain = getattr(raw_model, "apply_constraints", None)
-    # Accelerate's optimizer wrapper and autocast only matter for fp16 loss scaling and mixed precision (distill
-    # uses neither gradient accumulation nor XLA); the wrapper's step also looks up optional packages on every
-    # call, about 0.4 ms a batch, so without them the loop steps the optimizer itself.
-    stepper = prepared_opt if accelerator.scaler is not None else optimizer
-    autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
+    loop = _Loop.build(prepared_model, raw_model, method, cfg, accelerator, optimizer, prepared_opt, scheduler, task)
     total_steps = cfg.epochs * (steps_per_epoch(loader) or 0) or None  # None: an IterableDataset of unknown length
-    loop = _Loop(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
     cadence = _Cadence(every_epoch=accelerator.num_processes > 1)
     bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps or step), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -271,32 +234,16 @@ def fit(
         t0 = time.perf_counter()
         loss_sum, parts_sum, n_batches = loop.epoch(prepared_loader)
         step += n_batches
-        seconds = time.perf_counter() - t0
-        result.train_seconds += seconds
-        train_loss = loss_sum.item() / max(1, n_batches)
-        if not math.isfinite(train_loss):
-            raise UserError(
-                f"{desc}: the training loss became {train_loss} in epoch {epoch}; lower train.lr (now {cfg.lr}) "
-                "or set train.grad_clip"
-            )
-        row = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
-        row.update({f"train_{k}": float(v) / max(1, n_batches) for k, v in parts_sum.items()})
-        improved = True
-        if val_data is not None:
-            val = task.evaluate(prepared_model, val_data, device=accelerator.device)
-            row.update({f"val_{task.metric}": val["score"], "val_loss": val["loss"]})
-            improved = not result.history or task.better(val["score"], result.best_val_score, val["loss"], result.best_val_loss)
+        row = _epoch_row(epoch, loss_sum, parts_sum, n_batches, time.perf_counter() - t0, scheduler, cfg, desc)
+        result.train_seconds += row["seconds"]
+        improved = _validate(task, prepared_model, val_data, accelerator.device, row, result)
         if improved:
-            result.best_epoch, result.best_val_score = epoch, row.get(f"val_{task.metric}", float("nan"))
-            result.best_val_loss = row.get("val_loss", float("nan"))
             best_state = full_weights(raw_model)
             bad_epochs = 0
         else:
             bad_epochs += 1
         result.history.append(row)
-        log_epoch(accelerator, desc, row)  # to the accelerator's trackers, if any (tracking.py)
-        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in (f"val_{task.metric}",) if k in row})
-        log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+        _show_epoch(accelerator, bar, desc, row, task.metric)
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         cadence.best_changed |= improved
         if state_dir is not None and cadence.due(last=stop or epoch == cfg.epochs):
@@ -317,6 +264,75 @@ def fit(
     return result
 
 
+def _check_fit(method, val_data, cfg, accelerator, desc: str):
+    """Refuse what cannot train before anything runs; return the validation data (None when it has no rows)."""
+    if cfg.jitter and _is_cached(getattr(method, "teacher", None)):
+        raise UserError(f"{desc}: train.jitter={cfg.jitter} with a cached teacher, whose outputs are of the un-jittered "
+                        "inputs: set train.jitter=0 or use the live teacher")
+    check_engine(accelerator)
+    if cfg.batch_size % accelerator.num_processes:
+        raise UserError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among the "
+                        f"{accelerator.num_processes} processes: use a multiple of {accelerator.num_processes}")
+    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
+        return None  # no validation rows (val_fraction: 0): keep the last epoch's weights
+    return val_data
+
+
+def _prepare(model, method, loader, cfg, accelerator):
+    """(prepared model, optimizer, Accelerate's optimizer, prepared loader), with the method's trainable parts built."""
+    model.to(accelerator.device)
+    # trainable parts of the method (regressors, peers), before the optimizer exists; a cached teacher gets
+    # that batch's outputs first, so a feature method can read the cached layers' shapes
+    first = send_to_device(next(iter(loader)), accelerator.device)
+    _feed_teacher(getattr(method, "teacher", None), first, first[0])
+    method.setup(model, first[0])
+    method.modules.to(accelerator.device)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP shards a copy in place; its trained weights are gathered back into the caller's model at the end.
+        # FSDP2 shards a model only together with an optimizer, whose parameters it swaps for their shards: that
+        # one is thrown away, and the real one is built over the sharded parameters plus the method's own.
+        model = copy.deepcopy(model)
+        prepared_model, _ = accelerator.prepare(model, make_optimizer(model.parameters(), cfg))
+        optimizer = make_optimizer(list(prepared_model.parameters()) + list(method.parameters()), cfg)
+        return prepared_model, optimizer, accelerator.prepare_optimizer(optimizer), accelerator.prepare_data_loader(loader)
+    optimizer = make_optimizer(list(model.parameters()) + list(method.parameters()), cfg)
+    prepared_model, prepared_opt, prepared_loader = accelerator.prepare(model, optimizer, loader)
+    return prepared_model, optimizer, prepared_opt, prepared_loader
+
+
+def _validate(task, model, val_data, device, row: dict, result: FitResult) -> bool:
+    """Score the epoch on the validation rows (into `row`); whether it is the best so far (then recorded in
+    `result`). Without validation rows every epoch is the best: the last one is kept."""
+    if val_data is not None:
+        val = task.evaluate(model, val_data, device=device)
+        row.update({f"val_{task.metric}": val["score"], "val_loss": val["loss"]})
+        if result.history and not task.better(val["score"], result.best_val_score, val["loss"], result.best_val_loss):
+            return False
+    result.best_epoch = row["epoch"]
+    result.best_val_score = row.get(f"val_{task.metric}", float("nan"))
+    result.best_val_loss = row.get("val_loss", float("nan"))
+    return True
+
+
+def _show_epoch(accelerator, bar, desc: str, row: dict, metric: str) -> None:
+    """The epoch's figures to the trackers (tracking.py), the progress bar and the log."""
+    log_epoch(accelerator, desc, row)
+    bar.set_postfix(epoch=row["epoch"], loss=f"{row['train_loss']:.4f}",
+                    **{k: f"{row[k]:.4f}" for k in (f"val_{metric}",) if k in row})
+    log.info("%s epoch %d: %s", desc, row["epoch"], {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+
+
+def _epoch_row(epoch, loss_sum, parts_sum, n_batches, seconds, scheduler, cfg, desc: str) -> dict:
+    """The epoch's training figures (mean loss and loss terms per batch); a non-finite loss stops training."""
+    train_loss = loss_sum.item() / max(1, n_batches)
+    if not math.isfinite(train_loss):
+        raise UserError(f"{desc}: the training loss became {train_loss} in epoch {epoch}; lower train.lr (now {cfg.lr}) "
+                        "or set train.grad_clip")
+    row = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
+    row.update({f"train_{k}": float(v) / max(1, n_batches) for k, v in parts_sum.items()})
+    return row
+
+
 @dataclass
 class _Loop:
     """What one optimisation step needs; `epoch` runs the steps of one pass over the loader."""
@@ -332,6 +348,20 @@ class _Loop:
     autocast: object
     share_rows: bool  # weight each process's loss by its share of the step's rows (see fit)
     bar: object = None
+
+    @classmethod
+    def build(cls, prepared_model, raw_model, method, cfg, accelerator, optimizer, prepared_opt, scheduler, task):
+        params = list(prepared_model.parameters()) + list(method.parameters())  # what gradient clipping sees
+        # examples own different numbers of label rows (a tagger's words): each process's per-row mean is weighted
+        # by its share of the step's rows, so DDP's average of gradients is the mean over all rows, as with one process
+        share_rows = task.variable_rows and accelerator.num_processes > 1
+        constrain = getattr(raw_model, "apply_constraints", None)
+        # Accelerate's optimizer wrapper and autocast only matter for fp16 loss scaling and mixed precision (distill
+        # uses neither gradient accumulation nor XLA); the wrapper's step also looks up optional packages on every
+        # call, about 0.4 ms a batch, so without them the loop steps the optimizer itself.
+        stepper = prepared_opt if accelerator.scaler is not None else optimizer
+        autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
+        return cls(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
 
     def epoch(self, loader) -> tuple[torch.Tensor, dict, int]:
         """(sum of the batch losses, sums of the named loss parts, batches) of one pass over `loader`."""
