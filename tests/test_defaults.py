@@ -102,3 +102,12 @@ def test_eval_finds_a_tables_csv_from_another_folder(tmp_path, monkeypatch, caps
     card = json.loads(capsys.readouterr().out)
     results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
     assert card["accuracy"] == pytest.approx(results["models"]["student"]["accuracy"])
+
+
+def test_a_loaded_teachers_training_is_refused_unless_specialists_train_like_it(tmp_path):
+    raw = tiny_recipe(tmp_path)
+    raw["teacher"]["checkpoint"] = "t.safetensors"
+    with pytest.raises(UserError, match="teacher.train.epochs has no effect: the teacher is loaded"):
+        load_recipe(_write(tmp_path, raw), ["teacher.train.epochs=2"])
+    raw["teacher"]["specialists"] = {"count": 2}  # no train of their own: they train with teacher.train
+    assert load_recipe(_write(tmp_path, raw, "s.yaml"), ["teacher.train.epochs=2"]).teacher.train.epochs == 2

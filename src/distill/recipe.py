@@ -263,13 +263,16 @@ def check_overrides_apply(raw: dict, overrides: list[str], *, stages=None, teach
     keys = [o.partition("=")[0] for o in overrides]
     student = raw.get("student") if isinstance(raw.get("student"), dict) else {}
     shadow = student.get("distill_train") if isinstance(student.get("distill_train"), dict) else {}
-    loaded = teacher_given or bool(isinstance(raw.get("teacher"), dict) and raw["teacher"].get("checkpoint"))
+    teacher = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
+    loaded = teacher_given or bool(teacher.get("checkpoint"))
+    specialists_train = isinstance(teacher.get("specialists"), dict) and not teacher["specialists"].get("train")
     for key in keys:
         field = key.removeprefix("student.train.")
         if key.startswith("student.train.") and field in shadow and f"student.distill_train.{field}" not in keys:
             raise UserError(f"override {key} reaches the scratch student only: the recipe sets student.distill_train.{field}"
                             f"={shadow[field]!r} for the distilled one; override student.distill_train.{field} too")
-        if loaded and key.startswith(("teacher.train.", "teacher.model.")) and "teacher.checkpoint" not in keys:
+        if loaded and key.startswith(("teacher.train.", "teacher.model.")) and "teacher.checkpoint" not in keys and not (
+                specialists_train and key.startswith("teacher.train.")):  # (specialists train like the teacher)
             raise UserError(f"override {key} has no effect: the teacher is loaded, not trained (--teacher or "
                             "teacher.checkpoint); remove the override")
         if stages is not None and "student" not in stages and key.startswith(("distill.", "student.", "assistants")):

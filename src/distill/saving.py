@@ -12,20 +12,20 @@ saved `init_kwargs`), a factory returning the module, or an instance to fill.
 """
 
 import inspect
-import json
 from pathlib import Path
 
 from torch import nn
 
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
 from distill.errors import UserError
+from distill.report import strict_json
 from distill.students.imported import allowed_imports
 
 FORMAT = "distill.model/1"
 WEIGHTS, RECORD = "model.safetensors", "distill.json"
 
 
-def model_record(model: nn.Module, init_kwargs: dict | None, data: dict | None) -> dict:
+def _describe(model: nn.Module, init_kwargs: dict | None, data: dict | None) -> dict:
     """How to rebuild `model`: its distill description, or its class's import path with init_kwargs."""
     described = getattr(model, "distill_config", None)
     if isinstance(described, dict) and "model" in described:
@@ -47,7 +47,7 @@ def save(path, model: nn.Module, *, method=None, fit=None, init_kwargs: dict | N
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {folder} ({e.strerror}): save to a writable folder") from None
-    record = model_record(model, init_kwargs, data)
+    record = _describe(model, init_kwargs, data)
     save_model(folder / WEIGHTS, model, record)
     info = {"format": FORMAT, "task": "classification", **record,
             "class": f"{type(model).__module__}.{type(model).__qualname__}"}
@@ -57,7 +57,7 @@ def save(path, model: nn.Module, *, method=None, fit=None, init_kwargs: dict | N
         info["fit"] = {"best_epoch": fit.best_epoch, "best_val_score": fit.best_val_score,
                        "best_val_loss": fit.best_val_loss, "train_seconds": fit.train_seconds}
         info["history"] = fit.history
-    atomic_write_text(folder / RECORD, json.dumps(_finite(info), indent=1))
+    atomic_write_text(folder / RECORD, strict_json(info, indent=1))  # no NaN: a fit without validation has no best score
     return folder
 
 
@@ -96,13 +96,3 @@ def _call(factory, record: dict) -> nn.Module:
                         "class, a function returning it, or an instance")
     return obj
 
-
-def _finite(x):
-    """JSON has no NaN: write null instead (a run without validation rows has no best score)."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
