@@ -61,7 +61,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-class _AtomicTarget:
+class AtomicTarget:
     """Context manager giving a temp path next to ``path``; on success it is fsynced and moved over ``path``."""
 
     def __init__(self, path: str | os.PathLike):
@@ -90,7 +90,7 @@ class _AtomicTarget:
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    with _AtomicTarget(path) as tmp:
+    with AtomicTarget(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -130,7 +130,7 @@ def _write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, 
     from safetensors.torch import save_file
 
     prepared = _prepare_tensors(tensors, what)
-    with _AtomicTarget(path) as tmp:
+    with AtomicTarget(path) as tmp:
         save_file(prepared, str(tmp), metadata=metadata)
 
 

@@ -14,9 +14,10 @@ import math
 import os
 from pathlib import Path
 
-from distill.checkpoint import _AtomicTarget
+from distill.checkpoint import AtomicTarget
 from distill.data.arrays import gather
 from distill.errors import UserError
+from distill.report import measurement_settings
 from distill.export_check import CHECK_ROWS, TOLERANCE, check_batches, format_entry, logit_difference, paired_latency
 from distill.export_formats import (check_options, default_output, load_exported, model_kind, runtime_name,
                                     usual_permissions, writable_folder, write_export)
@@ -71,8 +72,8 @@ def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str
         target = Path(out) / target.name if Path(out).is_dir() or out.endswith(("/", os.sep)) else Path(out)
     made = writable_folder(target.parent)
     try:
-        with _AtomicTarget(target) as tmp:  # renamed into place only if the block passes; deleted otherwise
-            entry, notes = _export_checked(model_path, fmt, quantize, tmp, data_dir, overrides, _measurement(results))
+        with AtomicTarget(target) as tmp:  # renamed into place only if the block passes; deleted otherwise
+            entry, notes = _export_checked(model_path, fmt, quantize, tmp, data_dir, overrides, measurement_settings(results))
             usual_permissions(tmp)
     except BaseException:
         if made and not any(target.parent.iterdir()):
@@ -85,12 +86,6 @@ def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str
         record_export(run, entry)
         table += f"\nrecorded in {run / 'results.json'} (\"exports\") and {run / 'report.md'}"
     return entry, target, table
-
-
-def _measurement(results: dict) -> dict:
-    from distill.report import _measurement
-
-    return _measurement(results)  # the run's report settings (repeats, warm-up), else report.py's defaults
 
 
 def _export_checked(model_path, fmt, quantize, tmp: Path, data_dir, overrides, meas: dict) -> tuple[dict, dict]:

@@ -133,7 +133,7 @@ def _ratio(a, b) -> float | None:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
-def _measurement(results: dict) -> dict:
+def measurement_settings(results: dict) -> dict:
     """Settings used by model_card: results["measurement"], else the recipe's config["report"], else defaults."""
     cfg = results.get("config") if isinstance(results.get("config"), dict) else {}
     given = [results.get("measurement"), cfg.get("report")]
@@ -143,7 +143,7 @@ def _measurement(results: dict) -> dict:
 def _table(results: dict) -> tuple[list[str], list[list[str]]]:
     models = ordered_models(results)
     kind, label = quality_kind(models)
-    meas = _measurement(results)
+    meas = measurement_settings(results)
     teacher = models.get("teacher", {})
     headers = ["model", "params (M)", "size MB fp32", "size MB fp16", label, "test errors",
                f"latency ms/sample (batch {meas['latency_batch']})\nmedian (min–max)",
@@ -349,5 +349,5 @@ def write_report(run_dir, results: dict, histories: dict[str, list[dict]]) -> Pa
         lines += ["## Plots", ""] + [f"![{title}]({Path(p).name})\n" for title, p in shown]
     if plots.trained_without_validation(histories):
         lines += ["No validation split: the last epoch's weights were kept (no epoch was chosen on validation rows).", ""]
-    lines += _speed_text(_measurement(results))
+    lines += _speed_text(measurement_settings(results))
     return _atomic_write_text(run_dir / "report.md", "\n".join(lines))
