@@ -56,7 +56,7 @@ def test_bad_parallel_data_is_refused_with_its_line(tmp_path, files, kwargs, mes
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer([s for p in PAIRS for s in p], vocab_size=120)
+    return train_tokenizer([s for p in PAIRS for s in p], vocab_size=300)
 
 
 def test_the_tokenizer_is_shared_ends_sentences_and_round_trips(tokenizer):

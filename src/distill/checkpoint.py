@@ -126,7 +126,7 @@ def _prepare_tensors(tensors: dict[str, Any], what: str) -> dict[str, Tensor]:
     return out
 
 
-def _write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None, what: str) -> None:
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None, what: str) -> None:
     from safetensors.torch import save_file
 
     prepared = _prepare_tensors(tensors, what)
@@ -215,7 +215,7 @@ def save_model(path, model: nn.Module, config: dict) -> None:
         config_json = json.dumps(config, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_model: the model config must be JSON-able ({e})") from None
-    _write_safetensors(Path(path), model.state_dict(), {"format": "pt", CONFIG_KEY: config_json}, "save_model")
+    write_safetensors(Path(path), model.state_dict(), {"format": "pt", CONFIG_KEY: config_json}, "save_model")
 
 
 def load_model_file(path) -> tuple[dict[str, Tensor], dict]:

@@ -59,8 +59,8 @@ def cmd_eval(args):
     from distill.saved import load_saved
 
     model, task, data = load_saved(args.checkpoint, args.overrides, args.data_dir)
-    scores = dict(task.evaluate(model.eval(), data.test))
-    card = model_card(model, lambda n: task.latency_inputs(data, n))
+    scores = dict(task.test_scores(model.eval(), data))
+    card = model_card(task.timed(model), lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
                "models": {"model": {"metric": task.metric, **scores, **card}}}
     print(json.dumps(results["models"]["model"], indent=1) if args.json else format_table(results))

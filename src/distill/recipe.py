@@ -45,16 +45,30 @@ class DataConfig(_Strict):
     train_rows: int | None = Field(None, ge=1, description="text: at most this many training rows (a seeded draw)")
     val_rows: int | None = Field(None, ge=1, description="text: at most this many validation rows")
     test_rows: int | None = Field(None, ge=1, description="text: at most this many test rows")
+    # translation (en-es, parallel)
+    source_column: str | int = Field("source", description="parallel: the source column (a name, or a 0-based number for a TSV without header)")
+    target_column: str | int = Field("target", description="parallel: the target column")
+    target_path: str | None = Field(None, description="parallel: the target text file aligned line by line with data.path")
+    vocab_size: int = Field(8000, ge=300, description="translation: subword vocabulary trained on the training pairs (when the teacher brings no tokenizer; its 256 bytes come first)")
     unlabelled_rows: int = Field(0, ge=0, description="imdb / text: this many more rows, disjoint from the splits, "
                                                       "with their labels hidden: the distilled student's extra transfer set")
 
     @model_validator(mode="after")
     def _text_fields_on_text(self):
+        given = []
         if self.dataset not in TEXT_DATASETS:
             given = [f for f in ("tokenizer", "train_rows", "val_rows", "test_rows") if getattr(self, f) is not None]
             given += ["unlabelled_rows"] if self.unlabelled_rows else []
+        if given:
+            raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
+        if self.dataset not in ("en-es", "parallel"):
+            given = ["target_path"] if self.target_path is not None else []
+            given += [f for f, default in (("source_column", "source"), ("target_column", "target"), ("vocab_size", 8000))
+                      if getattr(self, f) != default]
             if given:
-                raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
+                raise ValueError(f"data.{given[0]} applies to translation data (en-es, parallel), not {self.dataset}: remove it")
+        if self.dataset in ("en-es", "parallel") and self.unlabelled_rows:
+            raise ValueError("data.unlabelled_rows applies to imdb / text data: translation pairs are all labelled")
         if self.dataset == "conll" and self.unlabelled_rows:
             raise ValueError("data.unlabelled_rows draws extra rows of imdb / text data; for conll hide the labels of "
                              "training sentences with data.unlabelled_fraction")

@@ -179,3 +179,26 @@ def exports_section(results: dict) -> list[str]:
             "|:---|:---|:---|:---|---:|---:|---:|---:|---:|", *map(_export_row, exports), "",
             "max |diff|: the largest absolute difference between the exported model's outputs and PyTorch's on the "
             "same inputs; speed-up: PyTorch median latency / exported median latency.", ""]
+
+
+def translation_section(results: dict) -> list[str]:
+    """Translation runs: greedy and beam BLEU, chrF and decoding speed of every model, and sample translations."""
+    models = {role: m for role, m in _dict(results.get("models")).items() if isinstance(m, dict) and "bleu_beam" in m}
+    if not models:
+        return []
+    beam = next(iter(models.values())).get("beam", "-")
+    lines = ["## Translation", "", f"BLEU and chrF (sacrebleu, one reference) on the test split; beam = {beam}.", "",
+             "| model | BLEU greedy | BLEU beam | beam - greedy | chrF greedy | chrF beam | sentences/s (beam, batched) |",
+             "|:---|---:|---:|---:|---:|---:|---:|"]
+    for role, m in models.items():
+        gap = (m["bleu_beam"] - m["bleu"]) if isinstance(m.get("bleu"), (int, float)) else None
+        cells = [m.get("bleu"), m.get("bleu_beam"), gap, m.get("chrf"), m.get("chrf_beam"), m.get("beam_sentences_per_s")]
+        lines.append(f"| {role} | " + " | ".join(fmt(num(c), ".2f") for c in cells) + " |")
+    lines += [""]
+    for role, m in models.items():
+        samples = m.get("samples") or []
+        if samples:
+            lines += [f"Sample translations by the {role} (beam):", ""]
+            lines += [f"- source: {s['source']}\n  - reference: {s['reference']}\n  - {role}: {s['beam']}" for s in samples]
+            lines += [""]
+    return lines

@@ -248,9 +248,9 @@ class Experiment:
         example = lambda n: task.latency_inputs(self.data, n)  # noqa: E731
         for role, model in models.items():
             model = model.cpu().eval()
-            scores = dict(task.evaluate(model, self.data.test))
+            scores = dict(task.test_scores(model, self.data))
             score, test_size = scores.pop("score"), scores.pop("n")
-            card = model_card(model, example, latency_batch=r.report.latency_batch, throughput_batch=r.report.throughput_batch, repeats=r.report.repeats)
+            card = model_card(task.timed(model), example, latency_batch=r.report.latency_batch, throughput_batch=r.report.throughput_batch, repeats=r.report.repeats)
             results["models"][role] = {
                 "metric": task.metric, "score": score, **scores, "test_size": test_size, **card,
                 "train_seconds": seconds.get(role), "epochs": epochs.get(role),

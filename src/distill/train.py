@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, PartialState
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
-from distill.checkpoint import atomic_write_bytes, load_model_file
+from distill.checkpoint import load_model_file, write_safetensors
 from distill.data.arrays import batch_collate
 from distill.training_state import (
     gather_training_state,
@@ -494,7 +493,7 @@ def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad
         # best weights first: a kill between the two writes leaves the older state, and replaying that
         # epoch (deterministic) writes the same best weights again
         Path(state_dir).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(_best_path(state_dir), safetensors.torch.save({k: v.contiguous() for k, v in best_state.items()}))
+        write_safetensors(_best_path(state_dir), best_state, None, "best weights")  # tied weights: one copy per name
     extra = {
         "history": result.history,
         "best_epoch": result.best_epoch,

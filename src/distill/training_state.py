@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-from distill.checkpoint import _fsync_dir, _read_safetensors, _write_safetensors, atomic_write_text, load_weights
+from distill.checkpoint import _fsync_dir, _read_safetensors, write_safetensors, atomic_write_text, load_weights
 from distill.errors import UserError
 
 __all__ = ["gather_training_state", "has_training_state", "load_training_state", "save_training_state"]
@@ -306,9 +306,9 @@ def save_training_state(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_safetensors(tmp / MODEL_FILE, model_sd, {"format": "pt"}, "model.state_dict()")
-        _write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, None, "optimizer state")
-        _write_safetensors(tmp / RNG_FILE, rng_tensors, None, "RNG state")
+        write_safetensors(tmp / MODEL_FILE, model_sd, {"format": "pt"}, "model.state_dict()")
+        write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, None, "optimizer state")
+        write_safetensors(tmp / RNG_FILE, rng_tensors, None, "RNG state")
         atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks the folder complete
         _fsync_dir(tmp)
     except BaseException:

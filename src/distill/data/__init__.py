@@ -15,7 +15,7 @@ from distill.errors import UserError
 
 __all__ = ["load_dataset", "DataSplits", "ArrayDataset", "DATASETS", "TEXT_DATASETS", "resolve_data_dir"]
 
-TEXT_DATASETS = ("imdb", "text", "conll")  # loaded by the text tasks (distill.tasks), with the teacher's tokenizer
+TEXT_DATASETS = ("imdb", "text", "conll", "en-es", "parallel")  # loaded by the text tasks (distill.tasks), with the teacher's tokenizer
 DATASETS = ("digits", "mnist", "fashion-mnist", "table", "image-folder", *TEXT_DATASETS)
 
 DEFAULT_DATA_DIR = Path("~/.cache/distill/data")

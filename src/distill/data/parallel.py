@@ -133,10 +133,12 @@ class TokenizedPairs(torch.utils.data.Dataset):
     """Token ids of source and target sentences (each ending in </s>); the decoder starts from `start_id` (Marian,
     BART and T5 start from the pad or a bos token)."""
 
-    def __init__(self, sources: list[list[int]], targets: list[list[int]], pad_id: int, start_id: int):
+    def __init__(self, sources: list[list[int]], targets: list[list[int]], pad_id: int, start_id: int, *,
+                 source_texts: list[str] | None = None, references: list[str] | None = None):
         if len(sources) != len(targets):
             raise ValueError(f"TokenizedPairs: {len(sources)} sources but {len(targets)} targets")
         self.sources, self.targets, self.pad_id, self.start_id = sources, targets, pad_id, start_id
+        self.source_texts, self.references = source_texts, references  # the untokenized text (BLEU, samples)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -166,7 +168,9 @@ class TokenizedPairs(torch.utils.data.Dataset):
 
     def subset(self, indices) -> "TokenizedPairs":
         indices = [int(i) for i in indices]
-        return TokenizedPairs([self.sources[i] for i in indices], [self.targets[i] for i in indices], self.pad_id, self.start_id)
+        pick = lambda rows: None if rows is None else [rows[i] for i in indices]  # noqa: E731
+        return TokenizedPairs(pick(self.sources), pick(self.targets), self.pad_id, self.start_id,
+                              source_texts=pick(self.source_texts), references=pick(self.references))
 
     def labelled(self) -> np.ndarray:
         return np.ones(len(self), dtype=bool)
@@ -188,4 +192,5 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, sta
         out = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         return [r if len(r) <= max_length else [*r[: max_length - 1], r[-1]] for r in out]
 
-    return TokenizedPairs(ids(s for s, _ in pairs), ids(t for _, t in pairs), tokenizer.pad_token_id, start_id)
+    return TokenizedPairs(ids(s for s, _ in pairs), ids(t for _, t in pairs), tokenizer.pad_token_id, start_id,
+                          source_texts=[s for s, _ in pairs], references=[t for _, t in pairs])

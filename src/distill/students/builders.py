@@ -16,13 +16,15 @@ from distill.students.hf import HFConfig
 from distill.students.hf_shrink import HFShrinkConfig
 from distill.students.imported import ImportConfig, build_imported
 from distill.students.mlp import MLP, MLPConfig
+from distill.students.seq2seq import Seq2SeqConfig
 from distill.students.textcnn import TextCNNConfig
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig, ImportConfig],
+ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig, ImportConfig,
+                                     Seq2SeqConfig],
                         Field(discriminator="kind")]
 model_config_adapter = TypeAdapter(ModelConfig)
 _BUILDERS = {"mlp": MLP, "cnn": CNN}
-TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn")
+TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn", "seq2seq")
 
 
 def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -30,7 +32,7 @@ def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     if config.kind == "import":
         model = build_imported(config, input_shape, num_classes)
     elif config.kind not in _BUILDERS:
-        raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll); for images and tables "
+        raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll, en-es, parallel); for images and tables "
                         "use mlp or cnn")
     else:
         model = _BUILDERS[config.kind](config, tuple(input_shape), num_classes)

@@ -10,6 +10,10 @@ def make_task(recipe, teacher_checkpoint: str | None = None) -> Task:
         from distill.tasks.text_classification import TextClassificationTask
 
         return TextClassificationTask(recipe, teacher_checkpoint)
+    if dataset in ("en-es", "parallel"):
+        from distill.tasks.translation import TranslationTask
+
+        return TranslationTask(recipe, teacher_checkpoint)
     if dataset == "conll":
         from distill.tasks.tagging import TaggingTask
 

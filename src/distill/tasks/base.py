@@ -38,6 +38,15 @@ class Task(ABC):
     def latency_inputs(self, data, batch_size: int) -> Any:
         """Inputs of `batch_size` copies of one typical test example, for latency and throughput."""
 
+    def test_scores(self, model: nn.Module, data) -> dict:
+        """The final evaluation on the test split: evaluate's figures, plus whatever the task reports only once
+        (translation: beam-search BLEU, decoding speed, sample translations)."""
+        return self.evaluate(model, data.test)
+
+    def timed(self, model: nn.Module) -> nn.Module:
+        """What latency and throughput time: the model's forward pass (translation: greedy decoding)."""
+        return model
+
     def baseline_score(self, data) -> float | None:
         """The test score of a model that always answers the training split's most common label (None: not
         meaningful for this metric). A trained model at or below it has learnt nothing usable."""

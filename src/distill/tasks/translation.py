@@ -1,0 +1,214 @@
+"""Translation: encoder-decoder models, word-level KD on teacher-forced target tokens, BLEU / chrF with sacrebleu.
+
+Data: `en-es` (../shared/data/en-es: train / valid / test .tsv.gz with review id, English, Spanish; split by review)
+or `parallel` (a user's folder of train / valid / test files, or one file split by val_fraction / test_fraction:
+TSV / JSONL with data.source_column / data.target_column, or data.path + data.target_path aligned text files).
+The tokenizer is a byte-level BPE trained on the training pairs (data.vocab_size) unless the teacher brings one; it
+is saved with every model. Models: `seq2seq` (a Marian transformer from a config) or `hf` (a pretrained seq2seq
+folder or hub id). The best epoch is the one with the highest greedy BLEU on the validation rows; the test report
+adds beam-search BLEU and chrF, decoding speed and sample translations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.data.parallel import TokenizedPairs, read_pairs, tokenize_pairs, train_tokenizer
+from distill.errors import UserError
+from distill.tasks.classification import evaluate as token_scores
+from distill.tasks.text import TextTask
+
+EN_ES_COLUMNS = (1, 2)  # review id, English, Spanish
+SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}
+
+
+@dataclass
+class PairSplits:
+    name: str
+    train: TokenizedPairs
+    val: TokenizedPairs
+    test: TokenizedPairs
+    num_classes: int  # the target vocabulary: one "class" per token
+    class_names: list[str]
+    token_level: bool = True
+
+
+class TranslationTask(TextTask):
+    name = "translation"
+    metric = "bleu"
+    token_level = True
+    variable_rows = True  # a sentence owns as many label rows as its target has tokens
+    inference_batch = 64
+    num_beams = 5  # Kim & Rush decode with beam 5
+    samples = 5  # sample translations in the report
+
+    # ------------------------------------------------------------------ data and tokenizer
+    def load_data(self) -> PairSplits:
+        d = self.recipe.data
+        pairs = self._read_splits()
+        if self._tokenizer is None and not (d.tokenizer or self.teacher_checkpoint or self._teacher_is_hf()):
+            self._tokenizer = train_tokenizer([s for p in pairs["train"] for s in p], d.vocab_size)
+        start = self._decoder_start()
+        splits = {name: tokenize_pairs(self.tokenizer, rows, d.max_length, start) for name, rows in pairs.items()}
+        return PairSplits(d.dataset, splits["train"], splits["val"], splits["test"], len(self.tokenizer), [])
+
+    def _teacher_is_hf(self) -> bool:
+        return getattr(self.recipe.teacher.model, "kind", None) == "hf"
+
+    def _decoder_start(self) -> int:
+        return self.tokenizer.pad_token_id  # Marian's decoder_start_token_id; a pretrained model's config may differ
+
+    def _read_splits(self) -> dict[str, list[tuple[str, str]]]:
+        d = self.recipe.data
+        if d.dataset == "en-es":
+            from distill.data import resolve_data_dir
+
+            base = Path(d.path).expanduser() if d.path else resolve_data_dir(d.data_dir) / "en-es"
+            read = lambda name: read_pairs(base / f"{name}.tsv.gz", source_column=EN_ES_COLUMNS[0],  # noqa: E731
+                                           target_column=EN_ES_COLUMNS[1])
+            pairs = {split: read(file) for split, file in SPLIT_FILES.items()}
+        else:
+            pairs = self._read_user_pairs()
+        caps = {"train": d.train_rows, "val": d.val_rows, "test": d.test_rows}
+        rng = np.random.default_rng(d.split_seed)  # a seeded draw when a split is capped
+        for split, cap in caps.items():
+            if cap is not None and len(pairs[split]) > cap:
+                keep = np.sort(rng.choice(len(pairs[split]), cap, replace=False))
+                pairs[split] = [pairs[split][i] for i in keep]
+            if not pairs[split]:
+                raise UserError(f"{d.dataset}: the {split} split has no sentence pairs: add data or lower the fractions")
+        return pairs
+
+    def _read_user_pairs(self) -> dict[str, list[tuple[str, str]]]:
+        d = self.recipe.data
+        if not d.path:
+            raise UserError("data.dataset parallel needs data.path: a folder of train / valid / test files, or one "
+                            ".tsv / .jsonl file, or a source text file with data.target_path")
+        path = Path(d.path).expanduser()
+        columns = {"source_column": d.source_column, "target_column": d.target_column}
+        if path.is_dir():
+            found = {split: sorted(path.glob(f"{stem}.*")) for split, stem in SPLIT_FILES.items()}
+            missing = [SPLIT_FILES[s] for s, files in found.items() if not files]
+            if missing:
+                raise UserError(f"{path} has no {missing[0]}.tsv / .jsonl: a folder needs train, valid and test files")
+            return {split: read_pairs(files[0], **columns) for split, files in found.items()}
+        rows = read_pairs(path, target_path=d.target_path, **columns) if d.target_path else read_pairs(path, **columns)
+        order = np.random.default_rng(d.split_seed).permutation(len(rows))
+        n_test, n_val = int(round(d.test_fraction * len(rows))), int(round(d.val_fraction * len(rows)))
+        parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+        return {split: [rows[i] for i in np.sort(idx)] for split, idx in parts.items()}
+
+    # ------------------------------------------------------------------ models
+    def build_model(self, model_cfg, data, teacher: nn.Module | None = None) -> nn.Module:
+        from distill.students.seq2seq import Seq2SeqModel, build_marian
+
+        if model_cfg.kind == "seq2seq":
+            tok = self.tokenizer
+            return build_marian(model_cfg, self._saved_vocab or len(tok), tok.pad_token_id, tok.eos_token_id)
+        if model_cfg.kind == "hf":
+            from transformers import AutoModelForSeq2SeqLM
+
+            from distill.students.hf import resolve_model_path
+
+            path = resolve_model_path(model_cfg.path)
+            try:
+                hf = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+            except (OSError, ValueError) as e:
+                raise UserError(f"model {model_cfg.path} is not a seq2seq model transformers can load "
+                                f"({str(e).splitlines()[0][:150]}): give a translation model's folder or hub id") from None
+            model = Seq2SeqModel(hf)
+            self.check_tokenizer(model_cfg.path, model)
+            return model
+        raise UserError(f"model.kind {model_cfg.kind} does not translate: use seq2seq (a Marian transformer from a "
+                        "config) or hf (a pretrained seq2seq model)")
+
+    def load_trained(self, model: nn.Module, folder: Path) -> nn.Module:
+        from distill.students.seq2seq import Seq2SeqModel
+
+        return Seq2SeqModel(type(model.hf).from_pretrained(folder))
+
+    def load_model(self, folder: str, data) -> nn.Module:
+        from distill.students import model_config_adapter
+        from distill.students.hf import HFConfig
+        from distill.tasks.text import RECORD, read_record
+
+        if not (Path(folder) / RECORD).is_file():
+            return self.build_model(HFConfig(path=folder), data)
+        record = read_record(folder)
+        if record.get("task") != self.name:
+            raise UserError(f"{folder} is a {record.get('task')} model but this recipe is a {self.name} task: "
+                            "use a model trained for this task")
+        model_config_adapter.validate_python(record["model"])
+        return self.build_model(HFConfig(path=folder), data)
+
+    def record(self, model_cfg, data) -> dict:
+        return {**super().record(model_cfg, data), "model": {"kind": "hf", "path": "."}}
+
+    # ------------------------------------------------------------------ scores
+    def evaluate(self, model, data, *, device="cpu", batch_size: int = 64) -> dict:
+        """Greedy BLEU and chrF on `data` (picks the best epoch), with the teacher-forced token cross-entropy and
+        token accuracy."""
+        scores = token_scores(model, data, batch_size=batch_size, device=device)
+        hypotheses = self.translate(model, data, num_beams=1, device=device, batch_size=batch_size)
+        bleu, chrf = corpus_scores(hypotheses, data.references)
+        return {"score": bleu, "bleu": bleu, "chrf": chrf, "loss": scores["loss"],
+                "token_accuracy": scores["accuracy"], "n": len(data)}
+
+    def test_scores(self, model, data) -> dict:
+        scores = self.evaluate(model, data.test)
+        t0 = time.perf_counter()
+        beam = self.translate(model, data.test, num_beams=self.num_beams)
+        beam_seconds = time.perf_counter() - t0
+        scores["bleu_beam"], scores["chrf_beam"] = corpus_scores(beam, data.test.references)
+        scores["beam"] = self.num_beams
+        scores["beam_sentences_per_s"] = len(beam) / beam_seconds
+        scores["samples"] = [{"source": data.test.source_texts[i], "reference": data.test.references[i], "beam": beam[i]}
+                             for i in range(min(self.samples, len(beam)))]
+        return scores
+
+    @torch.inference_mode()
+    def translate(self, model, data: TokenizedPairs, *, num_beams: int, device="cpu", batch_size: int = 64) -> list[str]:
+        """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding)."""
+        order = sorted(range(len(data)), key=lambda i: len(data.sources[i]))
+        out: list[str] = [""] * len(data)
+        limit = self.recipe.data.max_length
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            inputs, _ = data.__getitems__(idx)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            ids = model.translate(inputs, num_beams=num_beams, max_new_tokens=limit)
+            for i, text in zip(idx, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                out[i] = text.strip()
+        return out
+
+    def timed(self, model: nn.Module) -> nn.Module:
+        """Latency and throughput of a translation model are of greedy decoding, not of one teacher-forced pass."""
+        return _GreedyDecoding(model, self.recipe.data.max_length)
+
+    def latency_inputs(self, data, batch_size: int):
+        lengths = [len(r) for r in data.test.sources]
+        typical = sorted(range(len(lengths)), key=lambda i: lengths[i])[len(lengths) // 2]
+        inputs, _ = data.test.__getitems__([typical] * batch_size)
+        return inputs
+
+
+class _GreedyDecoding(nn.Module):
+    def __init__(self, model: nn.Module, max_new_tokens: int):
+        super().__init__()
+        self.model, self.max_new_tokens = model, max_new_tokens
+
+    def forward(self, inputs):
+        return self.model.translate(inputs, num_beams=1, max_new_tokens=self.max_new_tokens)
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> tuple[float, float]:
+    """(BLEU, chrF) of the corpus, sacrebleu's defaults (13a tokenisation, one reference), in points 0-100."""
+    import sacrebleu
+
+    return (sacrebleu.corpus_bleu(hypotheses, [references]).score, sacrebleu.corpus_chrf(hypotheses, [references]).score)
