@@ -190,3 +190,28 @@ def test_text_run_on_two_processes_equals_one(tmp_path, task):
         assert set(one) == set(two)
         for name, value in one.items():
             torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4)
+
+
+def test_translation_run_on_two_processes_equals_one(tmp_path):
+    """A whole seq2seq run (teacher from a config, word-level KD into a smaller student) under torchrun gives the
+    single-process weights: sentences own different numbers of target tokens, each process's loss is weighted by its
+    share of the step's tokens."""
+    from translation_fixtures import translation_recipe
+
+    raw = translation_recipe(tmp_path)  # 320 training pairs: 10 whole global batches of 32
+    raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 3, 2
+    for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**raw, "name": name}))
+        if launcher:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([*launcher, "run", str(path), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            _torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
+    for role in ("teacher", "student"):
+        one = safetensors.torch.load_file(tmp_path / "runs" / "one" / role / "model.safetensors")
+        two = safetensors.torch.load_file(tmp_path / "runs" / "two" / role / "model.safetensors")
+        assert set(one) == set(two)
+        for name, value in one.items():
+            torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4)

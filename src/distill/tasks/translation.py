@@ -175,6 +175,7 @@ class TranslationTask(TextTask):
     @torch.inference_mode()
     def translate(self, model, data: TokenizedPairs, *, num_beams: int, device="cpu", batch_size: int = 64) -> list[str]:
         """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding)."""
+        model = getattr(model, "module", model)  # validation under DDP: decode with the wrapped model itself
         order = sorted(range(len(data)), key=lambda i: len(data.sources[i]))
         out: list[str] = [""] * len(data)
         limit = self.recipe.data.max_length
