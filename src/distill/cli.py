@@ -91,7 +91,7 @@ def cmd_cache(args):
     data = task.load_data()
     teacher = task.load_model(teacher_path, data)
     if args.split == "transfer":  # the rows the distilled student learns from (see the recipe's transfer section)
-        rows = recipe_rows(recipe, data.train)[1]
+        rows = task.distill_rows(recipe_rows(recipe, data.train)[1])
     else:
         rows = getattr(data, args.split)
     # the teacher layers the recipe's method reads come along, so `distill distill RECIPE teacher.cache=OUT` works
@@ -104,6 +104,32 @@ def cmd_cache(args):
         print("distill: interrupted; rerun the same command to continue the cache", file=sys.stderr)
         raise SystemExit(130) from None
     print(write_summary(manifest, args.out))
+
+
+def cmd_generate(args):
+    from distill.generate import generate, model_sha256
+    from distill.tasks import make_task
+    from distill.transfer import recipe_rows
+
+    recipe = _recipe(args)
+    teacher_path = args.teacher or recipe.teacher.checkpoint
+    if not teacher_path:
+        raise UserError("distill generate needs a teacher: pass --teacher FOLDER (a translation model written by distill)")
+    task = make_task(recipe, teacher_path)
+    if task.name != "translation":
+        raise UserError(f"distill generate translates: data.dataset must be en-es or parallel, not {recipe.data.dataset}")
+    data = task.load_data()
+    teacher = task.load_model(teacher_path, data)
+    rows = recipe_rows(recipe, data.train)[1]  # the rows the students learn from
+    try:
+        manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=args.beam,
+                            k_best=args.k_best, batch_size=args.batch_size, shard_size=args.shard_size,
+                            resume=not args.restart, progress=None if args.quiet else print)
+    except KeyboardInterrupt:
+        print("distill: interrupted; rerun the same command to continue", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(f"{manifest['rows']} sentences, beam {args.beam}, {args.k_best} best each: {args.out} "
+          f"(train on them with data.targets={args.out})")
 
 
 def cmd_bench(args):
@@ -203,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, help="examples per teacher forward pass (default: 1024; 64 for text)")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
+    g = recipe_parser("generate", "translate the training sources with the teacher's beam search (sequence-level KD data)")
+    g.add_argument("--teacher", help="the teacher's folder (default: teacher.checkpoint of the recipe)")
+    g.add_argument("--out", required=True, help="folder to write (built as OUT.partial, continued if killed)")
+    g.add_argument("--beam", type=int, default=5, help="beam size (Kim & Rush: 5)")
+    g.add_argument("--k-best", type=int, default=1, help="hypotheses kept per sentence (k > 1 for data.target_choice: closest)")
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per beam search")
+    g.add_argument("--shard-size", type=int, default=1000, help="sentences per shard file (the unit a killed run keeps)")
+    g.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g.set_defaults(func=cmd_generate)
     b = recipe_parser("bench", "time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")
     b.add_argument("--teacher", help="teacher weights; default: an untrained teacher of the recipe's architecture (same speed)")
     b.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round (one more runs untimed first)")

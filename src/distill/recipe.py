@@ -49,6 +49,10 @@ class DataConfig(_Strict):
     source_column: str | int = Field("source", description="parallel: the source column (a name, or a 0-based number for a TSV without header)")
     target_column: str | int = Field("target", description="parallel: the target column")
     target_path: str | None = Field(None, description="parallel: the target text file aligned line by line with data.path")
+    targets: str | None = Field(None, description="translation: a `distill generate` folder: the distilled students learn "
+                                                   "the teacher's translations (sequence-level KD); scratch keeps the references")
+    target_choice: Literal["best", "closest"] = Field("best", description="translation, with targets: the teacher's best "
+                                                      "hypothesis, or of its k best the closest to the reference by sentence BLEU")
     vocab_size: int = Field(8000, ge=300, description="translation: subword vocabulary trained on the training pairs (when the teacher brings no tokenizer; its 256 bytes come first)")
     unlabelled_rows: int = Field(0, ge=0, description="imdb / text: this many more rows, disjoint from the splits, "
                                                       "with their labels hidden: the distilled student's extra transfer set")
@@ -62,7 +66,8 @@ class DataConfig(_Strict):
         if given:
             raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
         if self.dataset not in ("en-es", "parallel"):
-            given = ["target_path"] if self.target_path is not None else []
+            given = [f for f in ("target_path", "targets") if getattr(self, f) is not None]
+            given += ["target_choice"] if self.target_choice != "best" else []
             given += [f for f, default in (("source_column", "source"), ("target_column", "target"), ("vocab_size", 8000))
                       if getattr(self, f) != default]
             if given:

@@ -106,6 +106,7 @@ class Experiment:
             check_bias_rows(self.data.val, t.omit_classes)
         self.teacher_rows, self.student_rows = recipe_rows(recipe, self.data.train)
         self.teacher_rows = self.task.supervised_rows(self.teacher_rows)
+        self.distill_rows = self.task.distill_rows(self.student_rows)  # translation: the teacher's generated targets
         set_seed(recipe.seed)
         spec = recipe.teacher.specialists
         if spec and spec.class_sets:
@@ -119,10 +120,10 @@ class Experiment:
         self.cache = None
         if cache and cache != "auto":  # the teacher network is needed only to check the cache was written by it
             try:
-                self.cache = open_cache(cache, teacher=self.teacher if self.teacher_given else None, dataset=self.student_rows)
+                self.cache = open_cache(cache, teacher=self.teacher if self.teacher_given else None, dataset=self.distill_rows)
             except UserError as e:
                 raise UserError(f"teacher.cache: {e} (`distill cache` with this recipe caches the rows its students learn from)") from None
-            check_cache_fits(self.cache, recipe, self.student_rows, self.student_init)
+            check_cache_fits(self.cache, recipe, self.distill_rows, self.student_init)
         if not (cache and cache != "auto" and not self.teacher_given):
             self.task.check_compatible(self.teacher, self.student_init, self.data)
             REGISTRY[recipe.distill.method].check(recipe.distill, self.teacher, self.student_init)
@@ -316,8 +317,8 @@ class Experiment:
     def _signal(self, teacher, first: bool):
         """(teacher signal, training rows) of a distilled stage: the cache for the first one when there is one."""
         if first and self.cache is not None:
-            return CachedTeacher(), CachedDataset(self.student_rows, self.cache)
-        return LiveTeacher(teacher, self.recipe.teacher.precision), self.student_rows
+            return CachedTeacher(), CachedDataset(self.distill_rows, self.cache)
+        return LiveTeacher(teacher, self.recipe.teacher.precision), self.distill_rows
 
     def _auto_cache(self, teacher, accelerator):
         """teacher.cache: auto: the teacher's full float32 logits over the students' rows, written once in the run
@@ -328,12 +329,12 @@ class Experiment:
         path = self.partial / "teacher-cache"
         if self.main:
             t0 = time.perf_counter()
-            write_cache(teacher, self.student_rows, path, dtype="float32", batch_size=self.task.inference_batch,
+            write_cache(teacher, self.distill_rows, path, dtype="float32", batch_size=self.task.inference_batch,
                         device=accelerator.device)
-            log.info("teacher-cache: %d rows in %.1f s", len(self.student_rows), time.perf_counter() - t0)
+            log.info("teacher-cache: %d rows in %.1f s", len(self.distill_rows), time.perf_counter() - t0)
         accelerator.wait_for_everyone()
-        cache = open_cache(path, dataset=self.student_rows)
-        check_cache_fits(cache, self.recipe, self.student_rows, self.student_init)
+        cache = open_cache(path, dataset=self.distill_rows)
+        check_cache_fits(cache, self.recipe, self.distill_rows, self.student_init)
         return cache
 
     def _bias_corrected(self, student: torch.nn.Module) -> BiasShifted:

@@ -60,12 +60,15 @@ class Seq2SeqModel(nn.Module):
         return logits[inputs["decoder_attention_mask"].bool()]
 
     @torch.inference_mode()
-    def translate(self, inputs: dict[str, torch.Tensor], *, num_beams: int = 1, max_new_tokens: int = 128) -> torch.Tensor:
-        """Token ids of the translations (HF generate: greedy, or beam search with num_beams > 1)."""
+    def translate(self, inputs: dict[str, torch.Tensor], *, num_beams: int = 1, max_new_tokens: int = 128,
+                  num_return_sequences: int = 1) -> torch.Tensor:
+        """Token ids of the translations (HF generate: greedy, or beam search with num_beams > 1); with
+        num_return_sequences k, the k best of each source, consecutive rows, best first."""
         was_training = self.training
         self.eval()
         try:
             return self.hf.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                    num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False)
+                                    num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                    num_return_sequences=num_return_sequences)
         finally:
             self.train(was_training)

@@ -43,6 +43,11 @@ class Task(ABC):
         (translation: beam-search BLEU, decoding speed, sample translations)."""
         return self.evaluate(model, data.test)
 
+    def distill_rows(self, rows):
+        """The rows the distilled students learn from (translation: the teacher's generated targets, data.targets);
+        the scratch student keeps `rows`."""
+        return rows
+
     def timed(self, model: nn.Module) -> nn.Module:
         """What latency and throughput time: the model's forward pass (translation: greedy decoding)."""
         return model

@@ -104,6 +104,23 @@ class TranslationTask(TextTask):
         parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
         return {split: [rows[i] for i in np.sort(idx)] for split, idx in parts.items()}
 
+    def distill_rows(self, rows: TokenizedPairs) -> TokenizedPairs:
+        """With data.targets (a `distill generate` folder of this teacher over these rows): the same sources with
+        the teacher's translations as targets (sequence-level KD), or the k-best closest to the reference by
+        sentence BLEU (data.target_choice: closest, sequence-level interpolation)."""
+        d = self.recipe.data
+        if not d.targets:
+            return rows
+        from distill.generate import model_sha256, read_generated
+
+        if not self.teacher_checkpoint:
+            raise UserError("data.targets holds a teacher's translations: distil from that teacher (--teacher FOLDER or "
+                            "teacher.checkpoint), not from one trained in this run")
+        targets = read_generated(d.targets, rows, model_sha256(self.teacher_checkpoint), d.target_choice)
+        generated = tokenize_pairs(self.tokenizer, list(zip(rows.source_texts, targets)), d.max_length, rows.start_id)
+        return TokenizedPairs(rows.sources, generated.targets, rows.pad_id, rows.start_id,
+                              source_texts=rows.source_texts, references=targets)
+
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg, data, teacher: nn.Module | None = None) -> nn.Module:
         from distill.students.seq2seq import Seq2SeqModel, build_marian
@@ -173,19 +190,23 @@ class TranslationTask(TextTask):
         return scores
 
     @torch.inference_mode()
-    def translate(self, model, data: TokenizedPairs, *, num_beams: int, device="cpu", batch_size: int = 64) -> list[str]:
-        """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding)."""
+    def translate(self, model, data: TokenizedPairs, *, num_beams: int, num_return_sequences: int | None = None,
+                  device="cpu", batch_size: int = 64) -> list:
+        """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding);
+        with num_return_sequences k, a list of the k best per source."""
         model = getattr(model, "module", model)  # validation under DDP: decode with the wrapped model itself
         order = sorted(range(len(data)), key=lambda i: len(data.sources[i]))
-        out: list[str] = [""] * len(data)
+        k = num_return_sequences or 1
+        out: list = [""] * len(data)
         limit = self.recipe.data.max_length
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             inputs, _ = data.__getitems__(idx)
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            ids = model.translate(inputs, num_beams=num_beams, max_new_tokens=limit)
-            for i, text in zip(idx, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
-                out[i] = text.strip()
+            ids = model.translate(inputs, num_beams=num_beams, max_new_tokens=limit, num_return_sequences=k)
+            texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            for j, i in enumerate(idx):
+                out[i] = texts[j * k : (j + 1) * k] if num_return_sequences else texts[j]
         return out
 
     def timed(self, model: nn.Module) -> nn.Module:

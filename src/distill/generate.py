@@ -1,0 +1,136 @@
+"""`distill generate`: the teacher's beam-search translations of the training sources, as a new parallel data set for
+sequence-level KD (Kim & Rush 2016): the student then learns the teacher's output sequences instead of the
+references (`data.targets: DIR`), or, among the teacher's k best, the one closest to the reference by sentence BLEU
+(sequence-level interpolation, `data.target_choice: closest`).
+
+The folder is built as DIR.partial and renamed when complete. Rows are written in shards (JSONL, one line per
+training pair: source, reference, hypotheses best first), each atomically and recorded with its sha256 in
+manifest.json together with the teacher's and the data's sha256 and the decoding settings. A killed run continues at
+the first missing shard; every shard holds a fixed range of rows decoded in a fixed order, so the result is byte for
+byte the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from distill.checkpoint import atomic_write_text
+from distill.errors import UserError
+
+FORMAT = "distill.generated/1"
+MANIFEST = "manifest.json"
+
+
+def model_sha256(path) -> str:
+    """Of a model's weights: every .safetensors file of a folder (sorted by name), or the file itself."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path} holds no .safetensors weights: give the teacher's folder written by distill")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def generate(task, teacher, rows, out, *, teacher_sha256: str, num_beams: int = 5, k_best: int = 1,
+             batch_size: int = 64, shard_size: int = 1000, resume: bool = True, progress=print) -> dict:
+    """Decode every source of `rows` with `teacher` into DIR (see the module docstring); returns the manifest."""
+    if not 1 <= k_best <= num_beams:
+        raise UserError(f"--k-best {k_best} must be between 1 and --beam {num_beams}: a beam of n keeps n hypotheses")
+    if batch_size < 1 or shard_size < 1:
+        raise UserError("--batch-size and --shard-size must be at least 1")
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} exists: choose a new --out folder, or remove it to generate again")
+    partial = out.with_name(out.name + ".partial")
+    decoding = {"num_beams": num_beams, "k_best": k_best, "max_new_tokens": task.recipe.data.max_length,
+                "shard_size": shard_size}
+    manifest = {"format": FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": rows.sha256(), "rows": len(rows),
+                "decoding": decoding, "shards": []}
+    manifest["shards"] = _finished_shards(partial, manifest) if resume and partial.exists() else []
+    if not manifest["shards"]:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {partial} ({e.strerror}): choose a writable --out folder") from None
+    teacher = teacher.eval()
+    for start in range(len(manifest["shards"]) * shard_size, len(rows), shard_size):
+        index = range(start, min(start + shard_size, len(rows)))
+        lines = _decode_shard(task, teacher, rows, index, num_beams, k_best, batch_size)
+        name = f"shard-{start // shard_size:05d}.jsonl"
+        atomic_write_text(partial / name, lines)
+        manifest["shards"].append({"file": name, "rows": len(index), "sha256": hashlib.sha256(lines.encode()).hexdigest()})
+        atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
+        if progress:
+            progress(f"generate: {index.stop} / {len(rows)} sentences")
+    partial.rename(out)
+    return manifest
+
+
+def _decode_shard(task, teacher, rows, index: range, num_beams: int, k_best: int, batch_size: int) -> str:
+    shard = rows.subset(list(index))
+    hypotheses = task.translate(teacher, shard, num_beams=num_beams, num_return_sequences=k_best, batch_size=batch_size)
+    return "".join(json.dumps({"source": shard.source_texts[i], "reference": shard.references[i], "hypotheses": hyps},
+                              ensure_ascii=False) + "\n" for i, hyps in enumerate(hypotheses))
+
+
+def _finished_shards(partial: Path, manifest: dict) -> list[dict]:
+    """The shards of a killed run that can be kept: same teacher, data and decoding, files intact."""
+    try:
+        old = json.loads((partial / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    if any(old.get(k) != manifest[k] for k in ("format", "teacher_sha256", "data_sha256", "rows", "decoding")):
+        return []  # another teacher, data or decoding: start afresh
+    kept = []
+    for shard in old.get("shards", []):
+        path = partial / str(shard.get("file"))
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.get("sha256"):
+            break
+        kept.append(shard)
+    return kept
+
+
+def read_generated(folder, rows, teacher_sha256: str | None, choice: str = "best") -> list[str]:
+    """The target of every row of `rows` from a finished `distill generate` folder: the teacher's best hypothesis,
+    or (choice "closest") the hypothesis with the highest sentence BLEU against the reference. Refused with one line:
+    a folder of another teacher, of other rows, unfinished or damaged."""
+    import sacrebleu
+
+    folder = Path(folder)
+    if folder.with_name(folder.name + ".partial").exists() and not folder.exists():
+        raise UserError(f"{folder} is unfinished ({folder.name}.partial): rerun the same `distill generate` to complete it")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{folder} has no readable {MANIFEST}: give a folder written by `distill generate`") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{folder} is not a `distill generate` folder (format {manifest.get('format')!r})")
+    if teacher_sha256 is not None and manifest.get("teacher_sha256") != teacher_sha256:
+        raise UserError(f"{folder} was generated by another teacher than this run's: generate again with this "
+                        "teacher, or distil from the teacher that generated it (--teacher)")
+    if manifest.get("data_sha256") != rows.sha256():
+        raise UserError(f"{folder} was generated from other training rows than this recipe's (data, split or "
+                        "max_length differ): generate again with this recipe")
+    targets = []
+    for shard in manifest["shards"]:
+        raw = (folder / shard["file"]).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != shard["sha256"]:
+            raise UserError(f"{folder / shard['file']} is damaged (sha256 differs from the manifest): generate again")
+        for line in raw.decode("utf-8").splitlines():
+            row = json.loads(line)
+            hyps = row["hypotheses"]
+            if choice == "closest":
+                hyps = sorted(hyps, key=lambda h: -sacrebleu.sentence_bleu(h, [row["reference"]]).score)
+            targets.append(hyps[0])
+    if len(targets) != len(rows):
+        raise UserError(f"{folder} holds {len(targets)} targets for {len(rows)} training rows: generate again")
+    return targets
