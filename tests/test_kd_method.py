@@ -127,3 +127,23 @@ def test_the_live_teacher_answers_in_eval_mode_even_after_a_train_call():
     for switched in (model, model[1]):  # a user's loop calling .train() on everything, or on one layer
         switched.train()
         assert torch.equal(teacher(x), want) and not any(m.training for m in model.modules())
+
+
+def test_kd_without_a_soft_term_is_weighted_cross_entropy_and_does_not_run_the_teacher(digits):
+    """soft_weight 0 (sequence-level KD trains on the teacher's translations as labels): w_s · CE, no teacher call."""
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            return torch.zeros(len(x), 10)
+
+    torch.manual_seed(0)
+    student = build_model(MLPConfig(hidden=[8]), digits.input_shape, 10)
+    x, y = digits.train.x[:16], digits.train.y[:16]
+    loss, parts = KD(KDConfig(hard_weight=0.7, soft_weight=0.0), LiveTeacher(Counting()))(student, x, y)
+    expected = 0.7 * torch.nn.functional.cross_entropy(student(x).double(), y)
+    assert torch.allclose(loss.double(), expected, rtol=1e-6) and calls == [] and set(parts) == {"hard"}
+    y[0] = -1  # an unlabelled row needs the teacher's argmax: then it runs
+    KD(KDConfig(hard_weight=0.7, soft_weight=0.0), LiveTeacher(Counting()))(student, x, y)
+    assert calls

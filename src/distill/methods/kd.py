@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distill.losses import kd_loss
+from distill.losses import hard_label_loss, kd_loss
 from distill.methods.base import Method, MethodConfig, register
 
 
@@ -44,6 +44,11 @@ class KD(Method):
 
     def __call__(self, student, x, y):
         c = self.config
+        if c.soft_weight == 0 and bool((y >= 0).all()):
+            # labels only (e.g. sequence-level KD: the labels are the teacher's own translations): the teacher's
+            # logits would serve no term, so it is not run
+            hard = hard_label_loss(student(x), y, pseudo_labels=False)
+            return c.hard_weight * hard, {"hard": hard.detach()}
         teacher_logits = self.teacher(x)
         student_logits = student(x)
         loss, parts = kd_loss(
