@@ -175,21 +175,7 @@ def test_text_run_on_two_processes_equals_one(tmp_path, task):
                        "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},
            "student": {"model": {"kind": "hf-shrink", "num_layers": 1}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}},
            "distill": {"method": "kd", "temperature": 2}, "report": {"repeats": 1, "throughput_batch": 2}}
-    for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**raw, "name": name, "output_dir": str(tmp_path / "runs")}))
-        if launcher:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run([*launcher, "run", str(path), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
-        else:
-            _torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
-    for role in ("teacher", "student"):
-        one = safetensors.torch.load_file(tmp_path / "runs" / "one" / role / "model.safetensors")
-        two = safetensors.torch.load_file(tmp_path / "runs" / "two" / role / "model.safetensors")
-        assert set(one) == set(two)
-        for name, value in one.items():
-            torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4)
+    _same_weights_on_one_and_two_processes(tmp_path, {**raw, "output_dir": str(tmp_path / "runs")})
 
 
 def test_translation_run_on_two_processes_equals_one(tmp_path):
@@ -200,6 +186,12 @@ def test_translation_run_on_two_processes_equals_one(tmp_path):
 
     raw = translation_recipe(tmp_path)  # 320 training pairs: 10 whole global batches of 32
     raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 3, 2
+    _same_weights_on_one_and_two_processes(tmp_path, raw)
+
+
+def _same_weights_on_one_and_two_processes(tmp_path, raw: dict) -> None:
+    """Run the recipe `raw` in one process (name "one") and under torchrun on two ("two"); the saved teacher and
+    student folders must hold the same weights."""
     for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**raw, "name": name}))

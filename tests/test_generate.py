@@ -5,25 +5,18 @@ folders of another teacher or unfinished ones are refused with one line."""
 import json
 
 import pytest
-import yaml
-
 from distill.cli import main
-from translation_fixtures import translation_recipe
+from translation_fixtures import translation_recipe, write_recipe
 
-
-def _write(tmp_path, raw, name):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("generate")
     raw = translation_recipe(tmp_path)
-    recipe = _write(tmp_path, raw, "tr.yaml")
+    recipe = write_recipe(tmp_path, raw, "tr.yaml")
     assert main(["train", recipe, "--quiet", "name=teach"]) == 0
-    other = _write(tmp_path, {**raw, "seed": 1, "teacher": {**raw["teacher"], "train": {**raw["teacher"]["train"], "epochs": 2}}}, "other.yaml")
+    other = write_recipe(tmp_path, {**raw, "seed": 1, "teacher": {**raw["teacher"], "train": {**raw["teacher"]["train"], "epochs": 2}}}, "other.yaml")
     assert main(["train", other, "--quiet", "name=other"]) == 0
     return tmp_path, recipe, tmp_path / "runs" / "teach" / "teacher", tmp_path / "runs" / "other" / "teacher"
 

@@ -4,24 +4,17 @@ BLEU / chrF greedy and beam in results.json and report.md, models saved as trans
 import json
 
 import pytest
-import yaml
-
 from distill.cli import main
 from distill.errors import UserError
 from distill.recipe import validate_recipe
-from translation_fixtures import translation_recipe
+from translation_fixtures import translation_recipe, write_recipe
 
-
-def _write(tmp_path, raw, name="tr.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("translation")
-    assert main(["run", _write(tmp_path, translation_recipe(tmp_path)), "--quiet"]) == 0
+    assert main(["run", write_recipe(tmp_path, translation_recipe(tmp_path)), "--quiet"]) == 0
     return tmp_path / "runs" / "tr"
 
 
@@ -65,10 +58,10 @@ def test_recipe_fields_that_do_not_apply_are_refused(data, message):
 def test_models_that_do_not_translate_and_missing_data_are_refused(tmp_path, capsys):
     raw = translation_recipe(tmp_path)
     raw["student"]["model"] = {"kind": "mlp", "hidden": [8]}
-    assert main(["run", _write(tmp_path, raw, "mlp.yaml"), "--quiet"]) == 2
+    assert main(["run", write_recipe(tmp_path, raw, "mlp.yaml"), "--quiet"]) == 2
     assert "model.kind mlp does not translate" in capsys.readouterr().err
     raw = translation_recipe(tmp_path)
     (tmp_path / "pairs" / "valid.tsv").unlink()
-    assert main(["run", _write(tmp_path, raw, "missing.yaml"), "--quiet"]) == 2
+    assert main(["run", write_recipe(tmp_path, raw, "missing.yaml"), "--quiet"]) == 2
     assert "has no valid.tsv / .jsonl" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tr").exists()

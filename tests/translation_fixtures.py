@@ -5,6 +5,8 @@ into Spanish word by word, with the adjective moved after its noun (reordering),
 import random
 from pathlib import Path
 
+import yaml
+
 NOUNS = {"film": "película", "actor": "actor", "music": "música", "story": "historia", "ending": "final",
          "director": "director"}
 ADJECTIVES = {"good": "bueno", "bad": "malo", "long": "largo", "short": "corto", "funny": "divertido", "sad": "triste"}
@@ -42,3 +44,9 @@ def translation_recipe(tmp_path: Path, **sections) -> dict:
     }
     raw.update(sections)
     return raw
+
+
+def write_recipe(tmp_path: Path, raw: dict, name: str = "tr.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.data.text import pad_rows
 from distill.errors import UserError
 
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
@@ -149,8 +150,8 @@ class TokenizedPairs(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]):
         src = [self.sources[i] for i in indices]
         tgt = [self.targets[i] for i in indices]
-        input_ids, attention_mask = _pad(src, self.pad_id)
-        decoder_input_ids, decoder_attention_mask = _pad([[self.start_id, *t[:-1]] for t in tgt], self.pad_id)
+        input_ids, attention_mask = pad_rows(src, self.pad_id)
+        decoder_input_ids, decoder_attention_mask = pad_rows([[self.start_id, *t[:-1]] for t in tgt], self.pad_id)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
         return inputs, torch.as_tensor([token for t in tgt for token in t], dtype=torch.long)
@@ -174,16 +175,6 @@ class TokenizedPairs(torch.utils.data.Dataset):
 
     def labelled(self) -> np.ndarray:
         return np.ones(len(self), dtype=bool)
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = 1
-    return ids, mask
 
 
 def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, start_id: int) -> TokenizedPairs:

@@ -45,12 +45,8 @@ class TokenizedText(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]):
         rows = [self.ids[i] for i in indices]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, r in enumerate(rows):
-            input_ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-            attention_mask[b, : len(r)] = 1
+        input_ids, attention_mask = pad_rows(rows, self.pad_id)
+        length = input_ids.shape[1]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if not self.token_level:
             return inputs, self.y[torch.as_tensor(indices, dtype=torch.long)]
@@ -100,6 +96,17 @@ class TokenizedText(torch.utils.data.Dataset):
         if self.token_level:
             return np.array([bool((t >= 0).any()) for t in self.tags])
         return (self.y >= 0).numpy()
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of token rows right-padded to the longest: [B, L] each."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    return ids, mask
 
 
 @dataclass
