@@ -258,6 +258,14 @@ def save_training_state(
 
     # Build everything in memory first, so non-JSON-able state fails before anything is touched.
     model_sd, opt_sd = gathered if gathered is not None else gather_training_state(model, optimizer)
+    state_text, opt_tensors, rng_tensors = _state_in_memory(opt_sd, scheduler, step, epoch, extra)
+    _swap_in(directory, {MODEL_FILE: (model_sd, {"format": "pt"}, "model.state_dict()"),
+                         OPTIMIZER_FILE: (opt_tensors, None, "optimizer state"),
+                         RNG_FILE: (rng_tensors, None, "RNG state")}, state_text)
+
+
+def _state_in_memory(opt_sd: dict, scheduler, step: int, epoch: int, extra: dict | None):
+    """(state.json text, optimizer + scheduler + extra tensors, RNG tensors) of a checkpoint."""
     opt_tensors: dict[str, Tensor] = {}
     opt_state = {
         "param_groups": _encode(opt_sd["param_groups"], opt_tensors, "param_groups", "optimizer.state_dict()"),
@@ -290,8 +298,12 @@ def save_training_state(
         "extra": extra_enc,
         "rng": rng,
     }
-    state_text = json.dumps(state)
+    return json.dumps(state), opt_tensors, rng_tensors
 
+
+def _swap_in(directory: Path, files: dict, state_text: str) -> None:
+    """Write the checkpoint's files into a temporary sibling folder, then swap it for `directory`; at every instant
+    a complete checkpoint exists on disk."""
     # If an earlier save died mid-swap, first put its newest complete checkpoint back in place.
     if not directory.exists():
         found = _resolve(directory)
@@ -306,9 +318,8 @@ def save_training_state(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_safetensors(tmp / MODEL_FILE, model_sd, {"format": "pt"}, "model.state_dict()")
-        write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, None, "optimizer state")
-        write_safetensors(tmp / RNG_FILE, rng_tensors, None, "RNG state")
+        for name, (tensors, metadata, what) in files.items():
+            write_safetensors(tmp / name, tensors, metadata, what)
         atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks the folder complete
         _fsync_dir(tmp)
     except BaseException:
