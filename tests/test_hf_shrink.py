@@ -187,3 +187,50 @@ def test_student_round_trips_through_save_pretrained(tmp_path):
     assert type(loaded) is BertForSequenceClassification and loaded.config.num_hidden_layers == 2
     assert loaded.config.num_attention_heads == 2 and loaded.config.id2label == student.config.id2label
     torch.testing.assert_close(logits(loaded, batch()), logits(student.eval(), batch()), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- decoder-only language models
+def gpt2_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=4, n_head=4, bos_token_id=0,
+                                      eos_token_id=0)).eval()
+
+
+def llama_lm(kv_heads: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("make, layers", [(gpt2_lm, "transformer.h"), (llama_lm, "model.layers")])
+def test_a_language_model_student_computes_the_teacher_with_only_the_kept_layers(make, layers):
+    teacher = make()
+    student, report = shrink(teacher, HFShrinkConfig(layers=[0, 3]))
+    assert report["initialised_from_teacher"] and student.config.num_hidden_layers == 2
+    by_hand = copy.deepcopy(teacher)
+    parent, name = by_hand.get_submodule(layers.rsplit(".", 1)[0]), layers.rsplit(".", 1)[1]
+    setattr(parent, name, nn.ModuleList([getattr(parent, name)[t] for t in [0, 3]]))
+    inputs = {**batch(), "use_cache": False}  # (the moved layers keep their old cache index)
+    torch.testing.assert_close(logits(student.eval(), inputs), logits(by_hand, inputs), atol=1e-6, rtol=0)
+    tied = lambda m: m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()  # noqa: E731
+    assert tied(student) == tied(teacher) == (make is gpt2_lm)  # GPT-2 ties its embeddings, this Llama does not
+
+
+def test_a_narrower_gpt2_follows_its_width_and_a_llama_with_fewer_heads_keeps_its_weights():
+    student, report = shrink(gpt2_lm(), HFShrinkConfig(num_layers=2, hidden_size=16, num_heads=2))
+    assert student.config.n_embd == 16 and student.config.n_inner is None and not report["initialised_from_teacher"]
+    assert student.transformer.h[0].mlp.c_fc.weight.shape == (16, 64)  # GPT-2's default feed-forward: 4 x width
+    student, _ = shrink(gpt2_lm(), HFShrinkConfig(num_layers=2, intermediate_size=48))
+    assert student.config.n_inner == 48 and student.transformer.h[0].mlp.c_fc.weight.shape == (32, 48)
+    teacher = llama_lm()
+    student, report = shrink(teacher, HFShrinkConfig(layers=[1, 2], num_heads=2))
+    assert (student.config.head_dim, student.config.num_key_value_heads) == (16, 2) and report["initialised_from_teacher"]
+    assert torch.equal(student.model.layers[0].self_attn.k_proj.weight, teacher.model.layers[1].self_attn.k_proj.weight)
+    assert logits(student.eval(), batch()).shape == (2, 7, 100)
+    with pytest.raises(UserError, match="3 heads cannot share the teacher's 2 key/value heads"):
+        shrink(llama_lm(kv_heads=2), HFShrinkConfig(hidden_size=24, num_heads=3))

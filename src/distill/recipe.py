@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.data import DATASETS, TEXT_DATASETS
+from distill.data import DATASETS, LM_DATASETS, TEXT_DATASETS
 from distill.errors import UserError
 from distill.methods import MethodConfigUnion
 from distill.methods.kd import KDConfig
@@ -53,9 +53,14 @@ class DataConfig(_Strict):
                                                    "the teacher's translations (sequence-level KD); scratch keeps the references")
     target_choice: Literal["best", "closest"] = Field("best", description="translation, with targets: the teacher's best "
                                                       "hypothesis, or of its k best the closest to the reference by sentence BLEU")
-    vocab_size: int = Field(8000, ge=300, description="translation: subword vocabulary trained on the training pairs (when the teacher brings no tokenizer; its 256 bytes come first)")
+    vocab_size: int = Field(8000, ge=300, description="translation, language models: subword vocabulary trained on the training text (when the teacher brings no tokenizer; its 256 bytes come first)")
     unlabelled_rows: int = Field(0, ge=0, description="imdb / text: this many more rows, disjoint from the splits, "
                                                       "with their labels hidden: the distilled student's extra transfer set")
+    # language models (imdb-lm, lm)
+    format: Literal["auto", "text", "prompt_completion", "chat"] = Field(
+        "auto", description="lm: text (documents), prompt_completion (JSONL prompt + completion: only the completion "
+                            "counts) or chat (JSONL messages, rendered with the tokenizer's chat template); auto: from the file")
+    pack: bool = Field(False, description="imdb-lm / lm plain text: join the documents into blocks of max_length tokens")
 
     @model_validator(mode="after")
     def _text_fields_on_text(self):
@@ -69,11 +74,18 @@ class DataConfig(_Strict):
             given = [f for f in ("target_path", "targets") if getattr(self, f) is not None]
             given += ["target_choice"] if self.target_choice != "best" else []
             given += [f for f, default in (("source_column", "source"), ("target_column", "target"), ("vocab_size", 8000))
-                      if getattr(self, f) != default]
+                      if getattr(self, f) != default and not (f == "vocab_size" and self.dataset in LM_DATASETS)]
             if given:
                 raise ValueError(f"data.{given[0]} applies to translation data (en-es, parallel), not {self.dataset}: remove it")
         if self.dataset in ("en-es", "parallel") and self.unlabelled_rows:
             raise ValueError("data.unlabelled_rows applies to imdb / text data: translation pairs are all labelled")
+        given = [f for f, off in (("format", "auto"), ("pack", False)) if getattr(self, f) != off]
+        if self.dataset not in LM_DATASETS and given:
+            raise ValueError(f"data.{given[0]} applies to language-model data ({', '.join(LM_DATASETS)}), not {self.dataset}: remove it")
+        if self.dataset == "imdb-lm" and self.format not in ("auto", "text"):
+            raise ValueError(f"data.format {self.format}: imdb-lm is plain text (the reviews); use data.dataset lm for your own file")
+        if self.dataset in LM_DATASETS and self.unlabelled_rows:
+            raise ValueError("data.unlabelled_rows applies to imdb / text data: language-model text has no labels to hide")
         if self.dataset == "conll" and self.unlabelled_rows:
             raise ValueError("data.unlabelled_rows draws extra rows of imdb / text data; for conll hide the labels of "
                              "training sentences with data.unlabelled_fraction")

@@ -15,7 +15,8 @@ import torch
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from distill.report_sections import exports_section, setup_section, translation_section, warnings_list, warnings_section
+from distill.report_sections import (exports_section, language_model_section, setup_section, translation_section,
+                                     warnings_list, warnings_section)
 from distill.report_text import NOISE_RULE, fmt as _fmt, fmt_spread, noise_sentence, num as _num, plural, size_phrase, speed_phrase
 
 MEASURE_DEFAULTS = {"latency_batch": 1, "throughput_batch": 256, "repeats": 30, "warmup": 5}
@@ -343,7 +344,8 @@ def write_report(run_dir, results: dict, histories: dict[str, list[dict]]) -> Pa
               summary or "Not computed: the run needs both a `student` and a `scratch` model (same network trained "
                          "without the teacher) to tell what distillation added.", ""]
     lines += [NOISE_RULE, ""] if summary else []
-    lines += omitted_classes_section(results) + translation_section(results) + exports_section(results)
+    lines += omitted_classes_section(results) + translation_section(results) + language_model_section(results)
+    lines += exports_section(results)
     shown = [(title, p) for title, p in images if p is not None]
     if shown:
         lines += ["## Plots", ""] + [f"![{title}]({Path(p).name})\n" for title, p in shown]

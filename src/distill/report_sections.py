@@ -202,3 +202,34 @@ def translation_section(results: dict) -> list[str]:
             lines += [f"- source: {s['source']}\n  - reference: {s['reference']}\n  - {role}: {s['beam']}" for s in samples]
             lines += [""]
     return lines
+
+
+def language_model_section(results: dict) -> list[str]:
+    """Causal-LM runs: test perplexity, the teacher's NLL of each model's own samples, generation speed, and a few
+    sampled continuations of test prompts."""
+    models = {role: m for role, m in _dict(results.get("models")).items() if isinstance(m, dict) and "perplexity" in m}
+    if not models:
+        return []
+    new = next((m["new_tokens"] for m in models.values() if num(m.get("new_tokens")) is not None), None)
+    lines = ["## Language model", "",
+             "Perplexity = exp(mean NLL per counted token) of the test split. Teacher NLL of own samples: the teacher's "
+             "mean NLL per token of the continuations the model itself samples (temperature 1) after the first test "
+             "prompts, the quality on-policy distillation aims at (lower: text the teacher finds likelier). Tokens/s: "
+             f"greedy generation of {value_text(new) if new is not None else '-'} new tokens, from the latency above.", "",
+             "| model | perplexity | NLL per token | teacher NLL of own samples | tokens/s (greedy) |",
+             "|:---|---:|---:|---:|---:|"]
+    for role, m in models.items():
+        latency = num(m.get("latency_ms"))
+        speed = num(new) * 1e3 / latency if latency and new is not None else None
+        cells = [fmt(num(m.get("perplexity")), ".2f"), fmt(num(m.get("loss")), ".4f"), fmt(num(m.get("teacher_nll")), ".4f"),
+                 fmt(speed, ",.0f")]
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    lines += [""]
+    for role, m in models.items():
+        samples = [s for s in m.get("samples") or [] if isinstance(s, dict)]
+        if samples:
+            lines += [f"Sampled continuations by the {role}:", ""]
+            lines += [f"- prompt: {s.get('prompt')}\n  - test text: {s.get('reference')}\n  - {role}: {s.get('continuation')}"
+                      for s in samples]
+            lines += [""]
+    return lines

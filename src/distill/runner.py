@@ -245,6 +245,7 @@ class Experiment:
         if not self.main:
             return {}  # the main process evaluates, measures and writes
         task = self.task
+        task.judge = models["teacher"].cpu().eval() if "teacher" in models else None  # scores the models' samples
         results = {"recipe": r.name, "task": task.name, "dataset": self.data.name, "models": {}}
         example = lambda n: task.latency_inputs(self.data, n)  # noqa: E731
         for role, model in models.items():

@@ -13,9 +13,10 @@ from pathlib import Path
 from distill.data.arrays import ArrayDataset, DataSplits, check_fractions
 from distill.errors import UserError
 
-__all__ = ["load_dataset", "DataSplits", "ArrayDataset", "DATASETS", "TEXT_DATASETS", "resolve_data_dir"]
+__all__ = ["load_dataset", "DataSplits", "ArrayDataset", "DATASETS", "TEXT_DATASETS", "LM_DATASETS", "resolve_data_dir"]
 
-TEXT_DATASETS = ("imdb", "text", "conll", "en-es", "parallel")  # loaded by the text tasks (distill.tasks), with the teacher's tokenizer
+LM_DATASETS = ("imdb-lm", "lm")  # causal language modelling (distill.tasks.causal_lm)
+TEXT_DATASETS = ("imdb", "text", "conll", "en-es", "parallel", *LM_DATASETS)  # loaded by the text tasks (distill.tasks), with the teacher's tokenizer
 DATASETS = ("digits", "mnist", "fashion-mnist", "table", "image-folder", *TEXT_DATASETS)
 
 DEFAULT_DATA_DIR = Path("~/.cache/distill/data")

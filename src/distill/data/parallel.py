@@ -27,7 +27,8 @@ SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
 # ----------------------------------------------------------------------------- reading pairs
-def _open_text(path: Path):
+def open_text(path: Path):
+    """The whole file as text (gzip when it ends in .gz); unreadable or non-UTF-8 files refused with one line."""
     try:
         raw = path.read_bytes()
         if path.suffix == ".gz":
@@ -66,7 +67,7 @@ def read_pairs(path, *, source_column="source", target_column="target", target_p
 
 
 def _read_tsv(path: Path, source_column, target_column) -> list[tuple[str, str]]:
-    rows = csv.reader(_open_text(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = csv.reader(open_text(path), delimiter="\t", quoting=csv.QUOTE_NONE)
     by_index = isinstance(source_column, int) and isinstance(target_column, int)
     if not by_index:
         header = next(rows, None) or []
@@ -84,15 +85,20 @@ def _read_tsv(path: Path, source_column, target_column) -> list[tuple[str, str]]
     return pairs
 
 
-def _read_jsonl(path: Path, source_column: str, target_column: str) -> list[tuple[str, str]]:
-    pairs = []
-    for line, text in enumerate(_open_text(path), start=1):
+def json_lines(path: Path):
+    """(line number, object) of every non-empty line of a JSONL file; a line that is not JSON is refused with its number."""
+    for line, text in enumerate(open_text(path), start=1):
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            yield line, json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {line}: not valid JSON ({e.msg}): fix that line") from None
+
+
+def _read_jsonl(path: Path, source_column: str, target_column: str) -> list[tuple[str, str]]:
+    pairs = []
+    for line, row in json_lines(path):
         if not isinstance(row, dict) or source_column not in row or target_column not in row:
             raise UserError(f"{path} line {line}: needs keys {source_column!r} and {target_column!r} "
                             "(data.source_column / data.target_column)")
@@ -101,8 +107,8 @@ def _read_jsonl(path: Path, source_column: str, target_column: str) -> list[tupl
 
 
 def _read_aligned(source: Path, target: Path) -> list[tuple[str, str]]:
-    src = _open_text(source).read().splitlines()
-    tgt = _open_text(target).read().splitlines()
+    src = open_text(source).read().splitlines()
+    tgt = open_text(target).read().splitlines()
     if len(src) != len(tgt):
         line = min(len(src), len(tgt)) + 1
         raise UserError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: they must be aligned line by line "
@@ -111,9 +117,12 @@ def _read_aligned(source: Path, target: Path) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts` (source and target sentences together: one shared vocabulary,
-    as Marian's), with <pad>, </s> and <unk>; returned as a transformers PreTrainedTokenizerFast that appends </s>."""
+def train_tokenizer(texts, vocab_size: int, *, eos_at: str = "end"):
+    """A byte-level BPE tokenizer trained on `texts`, with <pad>, </s> and <unk>; returned as a transformers
+    PreTrainedTokenizerFast whose post-processor adds </s> where `eos_at` says: "end" after the text (translation:
+    source and target sentences together, one shared vocabulary as Marian's; a target ends with </s>), or "start"
+    before it (a language model: </s> also serves as its beginning-of-text token, as GPT-2's <|endoftext|>, so
+    `tokenizer(text)` gives what the model saw before a document)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -124,9 +133,11 @@ def train_tokenizer(texts, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     eos = SPECIAL_TOKENS["eos"]
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
+    template = {"end": f"$A {eos}", "start": f"{eos} $A"}[eos_at]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(eos, tok.token_to_id(eos))])
+    bos = {"bos_token": eos} if eos_at == "start" else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIAL_TOKENS["pad"], eos_token=eos,
-                                   unk_token=SPECIAL_TOKENS["unk"])
+                                   unk_token=SPECIAL_TOKENS["unk"], **bos)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -11,6 +11,7 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.students.bilstm import BiLSTMConfig
+from distill.students.causal_lm import CausalLMConfig
 from distill.students.cnn import CNN, CNNConfig
 from distill.students.hf import HFConfig
 from distill.students.hf_shrink import HFShrinkConfig
@@ -20,11 +21,11 @@ from distill.students.seq2seq import Seq2SeqConfig
 from distill.students.textcnn import TextCNNConfig
 
 ModelConfig = Annotated[Union[MLPConfig, CNNConfig, HFConfig, HFShrinkConfig, BiLSTMConfig, TextCNNConfig, ImportConfig,
-                                     Seq2SeqConfig],
+                                     Seq2SeqConfig, CausalLMConfig],
                         Field(discriminator="kind")]
 model_config_adapter = TypeAdapter(ModelConfig)
 _BUILDERS = {"mlp": MLP, "cnn": CNN}
-TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn", "seq2seq")
+TEXT_KINDS = ("hf", "hf-shrink", "bilstm", "textcnn", "seq2seq", "causal-lm")
 
 
 def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -32,7 +33,7 @@ def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     if config.kind == "import":
         model = build_imported(config, input_shape, num_classes)
     elif config.kind not in _BUILDERS:
-        raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll, en-es, parallel); for images and tables "
+        raise UserError(f"model.kind {config.kind} is for text data sets (imdb, text, conll, en-es, parallel, imdb-lm, lm); for images and tables "
                         "use mlp or cnn")
     else:
         model = _BUILDERS[config.kind](config, tuple(input_shape), num_classes)

@@ -123,7 +123,9 @@ def load_config(path: str, trust_remote_code: bool = False):
                         f"({str(e).splitlines()[0][:160]}); give a folder written by save_pretrained") from None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, *, pad_from_eos: bool = False):
+    """The tokenizer at `path`; one without a padding token is refused, or with pad_from_eos pads with its eos token
+    (decoder-only models such as GPT-2 have none; padded positions are masked, so which token fills them is moot)."""
     import transformers
 
     try:
@@ -131,6 +133,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} has no loadable tokenizer ({str(e).splitlines()[0][:160]}): save the tokenizer "
                         "beside the model (tokenizer.save_pretrained), or set data.tokenizer") from None
+    if tokenizer.pad_token_id is None and pad_from_eos and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer at {path} has no padding token: set one (tokenizer.pad_token = ...) and save it")
     return tokenizer

@@ -1,4 +1,5 @@
-"""A smaller transformer student cut from a Hugging Face teacher (DistilBERT, Sanh et al. 2019; TinyBERT style).
+"""A smaller transformer student cut from a Hugging Face teacher (DistilBERT, Sanh et al. 2019; TinyBERT style):
+an encoder (BERT-like classifiers and taggers) or a decoder-only language model (GPT-2, Llama).
 
 The student is the teacher's own class built from a copy of its config with fewer layers (and optionally narrower
 widths), so it keeps the tokenizer, labels and task head and saves/loads with save_pretrained/from_pretrained.
@@ -18,7 +19,8 @@ if TYPE_CHECKING:  # transformers is needed only by whoever passes a teacher
     from transformers import PreTrainedModel
 
 # config attribute names for the feed-forward width; the other sizes go through the config's attribute_map
-_FFN_NAMES = ("intermediate_size", "hidden_dim", "ffn_dim")
+# (GPT-2's n_inner may be None: 4 x hidden_size, which then follows the student's width)
+_FFN_NAMES = ("intermediate_size", "hidden_dim", "ffn_dim", "n_inner")
 # widths some configs keep apart from hidden_size (DeBERTa's pooler, ELECTRA's embeddings): when the teacher's
 # equals its hidden_size it follows the student's; otherwise (ELECTRA-small's 128) it stays as the teacher's
 _TIED_WIDTHS = ("pooler_hidden_size", "embedding_size")
@@ -45,15 +47,16 @@ def select_layers(teacher_layers: int, keep: int) -> list[int]:
 
 
 def find_layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    """The encoder's layer list: the one nn.ModuleList whose length is the config's number of hidden layers."""
+    """The transformer's layer list: the one nn.ModuleList whose length is the config's number of hidden layers."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
     what = f"the {model.config.model_type} teacher ({type(model).__name__})"
     if not found:
         raise UserError(f"hf-shrink: found no list of {num_layers} layers (num_hidden_layers) in {what}: hf-shrink "
-                        "needs one nn.ModuleList of encoder layers, as BERT, RoBERTa, DistilBERT and ELECTRA have")
+                        "needs one nn.ModuleList of transformer layers, as BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2 and Llama have")
     if len(found) > 1:
         raise UserError(f"hf-shrink: {what} has {len(found)} lists of {num_layers} modules "
-                        f"({', '.join(n for n, _ in found)}), so its encoder layers are ambiguous; use a BERT-like encoder")
+                        f"({', '.join(n for n, _ in found)}), so its layers are ambiguous; use a BERT-like encoder or a GPT-2 / "
+                        "Llama-like decoder")
     return found[0]
 
 
@@ -84,7 +87,8 @@ def shrink(teacher: "PreTrainedModel", cfg: HFShrinkConfig) -> tuple["PreTrained
     n = config.num_hidden_layers
     kept = _kept_layers(cfg, n)
     list_name, _ = find_layer_list(teacher, n)
-    ffn = next((name for name in _FFN_NAMES if isinstance(getattr(config, name, None), int)), None)
+    ffn = next((name for name in _FFN_NAMES if isinstance(getattr(config, name, None), int)),
+               "n_inner" if hasattr(config, "n_inner") else None)
     if cfg.intermediate_size is not None and ffn is None:
         raise UserError(f"hf-shrink.intermediate_size: the {config.model_type} config has none of {', '.join(_FFN_NAMES)}; "
                         "leave intermediate_size unset")
@@ -102,6 +106,7 @@ def shrink(teacher: "PreTrainedModel", cfg: HFShrinkConfig) -> tuple["PreTrained
         if getattr(config, name, None) == config.hidden_size:
             setattr(student_config, name, hidden)
     student_config.num_attention_heads = heads
+    _follow_heads(config, student_config, hidden, heads)
     if ffn is not None and cfg.intermediate_size is not None:
         setattr(student_config, ffn, cfg.intermediate_size)
     if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
@@ -133,6 +138,19 @@ def shrink(teacher: "PreTrainedModel", cfg: HFShrinkConfig) -> tuple["PreTrained
     report = {"kept_layers": kept, "initialised_from_teacher": copied > 0, "params": _count(student),
               "teacher_params": _count(teacher), "copied_tensors": copied, "note": note}
     return student, report
+
+
+def _follow_heads(config, student_config, hidden: int, heads: int) -> None:
+    """Decoder configs that also name the width of a head and the number of key/value heads (Llama's head_dim,
+    num_key_value_heads): where the teacher's follow from its width and heads, the student's follow its own."""
+    if getattr(config, "head_dim", None) == config.hidden_size // config.num_attention_heads:
+        student_config.head_dim = hidden // heads
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv == config.num_attention_heads:
+        student_config.num_key_value_heads = heads
+    elif kv is not None and heads % kv:
+        raise UserError(f"hf-shrink.num_heads: {heads} heads cannot share the teacher's {kv} key/value heads: "
+                        f"choose a multiple of {kv}")
 
 
 def _renamed_state(state: dict, list_name: str, kept: list[int]) -> dict:

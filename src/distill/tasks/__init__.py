@@ -14,6 +14,10 @@ def make_task(recipe, teacher_checkpoint: str | None = None) -> Task:
         from distill.tasks.translation import TranslationTask
 
         return TranslationTask(recipe, teacher_checkpoint)
+    if dataset in ("imdb-lm", "lm"):
+        from distill.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask(recipe, teacher_checkpoint)
     if dataset == "conll":
         from distill.tasks.tagging import TaggingTask
 

@@ -29,6 +29,9 @@ class Task(ABC):
     continuous_inputs: ClassVar[bool] = False  # inputs are float tensors that may be jittered or differentiated
     inference_batch: ClassVar[int] = 1024  # rows per forward pass when a model is only evaluated or cached
     variable_rows: ClassVar[bool] = False  # examples own different numbers of label rows (a tagger's words)
+    # a model that scores the others' generated text in test_scores (a causal LM's teacher judges the students'
+    # samples); the runner sets it to the teacher before the final evaluation, None: not scored
+    judge: nn.Module | None = None
 
     @abstractmethod
     def evaluate(self, model: nn.Module, data, *, device="cpu", batch_size: int = 256) -> dict:

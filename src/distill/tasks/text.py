@@ -28,6 +28,8 @@ RECORD = "distill.json"
 class TextTask(Task):
     token_level = False
     inference_batch = 64  # padded sequences: a transformer's attention grows with batch x length²
+    folder_kinds: tuple[str, ...] = ("hf", "hf-shrink")  # model kinds saved as transformers folders (save_pretrained)
+    pad_from_eos = False  # a tokenizer without a padding token pads with its eos token (decoder-only LMs: GPT-2's)
 
     def __init__(self, recipe, teacher_checkpoint: str | None = None):
         import transformers
@@ -55,8 +57,13 @@ class TextTask(Task):
         if self._tokenizer is None:
             from distill.students.hf import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer_path())
+            self._tokenizer = load_tokenizer(self.tokenizer_path(), pad_from_eos=self.pad_from_eos)
         return self._tokenizer
+
+    def teacher_brings_tokenizer(self) -> bool:
+        """Whether the tokenizer comes from data.tokenizer or the teacher (else a task may train one on its data)."""
+        r = self.recipe
+        return bool(r.data.tokenizer or self.teacher_checkpoint or getattr(r.teacher.model, "kind", None) == "hf")
 
     def teacher_label_names(self) -> list[str] | None:
         """The label order of a teacher fine-tuned with named labels (the data is mapped to it), else None."""
@@ -82,19 +89,25 @@ class TextTask(Task):
             return model
         if kind == "hf-shrink":
             from distill.students.hf import HFModel
-            from distill.students.hf_shrink import shrink
 
-            if not isinstance(teacher, HFModel):
-                raise UserError("model.kind hf-shrink builds the student from the teacher's layers: the teacher must be a "
-                                "transformers model (teacher.model.kind: hf)")
-            hf, report = shrink(teacher.hf, model_cfg)
-            print(f"hf-shrink: {report['params'] / 1e6:.2f}M parameters ({report['params'] * 4 / 1e6:.1f} MB fp32) "
-                  f"from the teacher's {report['teacher_params'] / 1e6:.2f}M, layers {report['kept_layers']}, "
-                  f"{'initialised from the teacher' if report['initialised_from_teacher'] else 'randomly initialised'}")
-            return HFModel(hf, self.token_level)
+            return HFModel(self.shrunk(teacher, HFModel, model_cfg), self.token_level)
         if kind in ("bilstm", "textcnn"):
             return self._small_model(model_cfg, data, teacher)
         raise UserError(f"model.kind {kind} takes images or tables; for text use hf, hf-shrink, bilstm or textcnn")
+
+    @staticmethod
+    def shrunk(teacher: nn.Module | None, wrapper: type, model_cfg) -> nn.Module:
+        """The transformers model of an hf-shrink student, cut from the teacher's (a `wrapper` of this task)."""
+        from distill.students.hf_shrink import shrink
+
+        if not isinstance(teacher, wrapper):
+            raise UserError("model.kind hf-shrink builds the student from the teacher's layers: the teacher must be a "
+                            "transformers model (teacher.model.kind: hf, or a model trained by distill)")
+        hf, report = shrink(teacher.hf, model_cfg)
+        print(f"hf-shrink: {report['params'] / 1e6:.2f}M parameters ({report['params'] * 4 / 1e6:.1f} MB fp32) "
+              f"from the teacher's {report['teacher_params'] / 1e6:.2f}M, layers {report['kept_layers']}, "
+              f"{'initialised from the teacher' if report['initialised_from_teacher'] else 'randomly initialised'}")
+        return hf
 
     def _small_model(self, model_cfg, data, teacher) -> nn.Module:
         from distill.students.bilstm import BiLSTMText
@@ -138,7 +151,7 @@ class TextTask(Task):
 
     def record(self, model_cfg, data) -> dict:
         kind = model_cfg.kind
-        model = {"kind": "hf", "path": "."} if kind in ("hf", "hf-shrink") else model_cfg.model_dump(mode="json")
+        model = {"kind": "hf", "path": "."} if kind in self.folder_kinds else model_cfg.model_dump(mode="json")
         return {"task": self.name, "model": model, "class_names": list(data.class_names),
                 "data": data_record(self.recipe.data), "transfer": self.recipe.transfer.model_dump(mode="json"),
                 "seed": self.recipe.seed}

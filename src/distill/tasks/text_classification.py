@@ -22,6 +22,8 @@ from distill.tasks.classification import evaluate, majority_accuracy
 from distill.tasks.text import TextTask
 
 IMDB_CLASSES = ["negative", "positive"]
+IMDB_DATASETS = ("imdb", "imdb-lm")  # the same reviews split alike: a language model's test reviews are the classifier's
+IMDB_DEFAULT_ROWS = (4000, 1000, 2000)  # train, val, test reviews when data.*_rows are not set
 
 
 class TextClassificationTask(TextTask):
@@ -38,8 +40,7 @@ class TextClassificationTask(TextTask):
     def load_data(self) -> TextSplits:
         d = self.recipe.data
         if d.dataset == "imdb":
-            base = Path(d.path).expanduser() if d.path else resolve_data_dir(d.data_dir)
-            texts, y = read_imdb(base / "imdb" / "reviews.jsonl.gz" if (base / "imdb").is_dir() else base / "reviews.jsonl.gz")
+            texts, y = read_imdb_reviews(d)
             names = IMDB_CLASSES
         else:
             if not d.path:
@@ -56,7 +57,7 @@ class TextClassificationTask(TextTask):
             remap = np.asarray([teacher_names.index(n) for n in names])
             y = np.where(y >= 0, remap[np.maximum(y, 0)], UNLABELLED)
             names = teacher_names
-        train, val, test, hidden = _split(y, d)
+        train, val, test, hidden = split_labelled(y, d)
         y = y.copy()
         y[hidden] = UNLABELLED  # unlabelled_rows: reviews whose labels no model ever sees
         if len(train) == 0 or len(test) == 0:
@@ -80,15 +81,21 @@ def _class_names(values: list[str]) -> list[str]:
         return unique
 
 
-def _split(y: np.ndarray, d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_imdb_reviews(d) -> tuple[list[str], np.ndarray]:
+    """(texts, sentiment labels) of the 50,000 reviews: data.path, else <data_dir>/imdb, holding reviews.jsonl.gz."""
+    base = Path(d.path).expanduser() if d.path else resolve_data_dir(d.data_dir)
+    return read_imdb(base / "imdb" / "reviews.jsonl.gz" if (base / "imdb").is_dir() else base / "reviews.jsonl.gz")
+
+
+def split_labelled(y: np.ndarray, d) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded train/val/test indices (test and val stratified by class) of the labelled rows; unlabelled rows join
-    train. Row caps (train_rows / val_rows / test_rows, IMDB defaults 4000 / 1000 / 2000) are seeded draws, and
+    train. Row caps (train_rows / val_rows / test_rows, IMDB defaults IMDB_DEFAULT_ROWS) are seeded draws, and
     unlabelled_rows more rows, drawn from the labelled rows left over, join train with their labels hidden
     (returned as the 4th array)."""
     labelled, unlabelled = np.flatnonzero(y >= 0), np.flatnonzero(y < 0)
     caps = {"train": d.train_rows, "val": d.val_rows, "test": d.test_rows}
-    if d.dataset == "imdb":
-        caps = {k: v or default for (k, v), default in zip(caps.items(), (4000, 1000, 2000))}
+    if d.dataset in IMDB_DATASETS:
+        caps = {k: v or default for (k, v), default in zip(caps.items(), IMDB_DEFAULT_ROWS)}
         n_test, n_val = caps["test"], caps["val"]
     else:
         n_test, n_val = int(round(d.test_fraction * len(labelled))), int(round(d.val_fraction * len(labelled)))

@@ -15,17 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from distill.data.parallel import TokenizedPairs, read_pairs, tokenize_pairs, train_tokenizer
+from distill.data.splits import SPLIT_FILES, cap_splits, split_by_fraction, split_files
 from distill.errors import UserError
 from distill.tasks.classification import evaluate as token_scores
 from distill.tasks.text import TextTask
 
 EN_ES_COLUMNS = (1, 2)  # review id, English, Spanish
-SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}
 
 
 @dataclass
@@ -45,6 +44,7 @@ class TranslationTask(TextTask):
     token_level = True
     variable_rows = True  # a sentence owns as many label rows as its target has tokens
     inference_batch = 64
+    folder_kinds = ("hf", "seq2seq")
     num_beams = 5  # Kim & Rush decode with beam 5
     samples = 5  # sample translations in the report
 
@@ -52,14 +52,11 @@ class TranslationTask(TextTask):
     def load_data(self) -> PairSplits:
         d = self.recipe.data
         pairs = self._read_splits()
-        if self._tokenizer is None and not (d.tokenizer or self.teacher_checkpoint or self._teacher_is_hf()):
+        if self._tokenizer is None and not self.teacher_brings_tokenizer():
             self._tokenizer = train_tokenizer([s for p in pairs["train"] for s in p], d.vocab_size)
         start = self._decoder_start()
         splits = {name: tokenize_pairs(self.tokenizer, rows, d.max_length, start) for name, rows in pairs.items()}
         return PairSplits(d.dataset, splits["train"], splits["val"], splits["test"], len(self.tokenizer), [])
-
-    def _teacher_is_hf(self) -> bool:
-        return getattr(self.recipe.teacher.model, "kind", None) == "hf"
 
     def _decoder_start(self) -> int:
         return self.tokenizer.pad_token_id  # Marian's decoder_start_token_id; a pretrained model's config may differ
@@ -75,15 +72,7 @@ class TranslationTask(TextTask):
             pairs = {split: read(file) for split, file in SPLIT_FILES.items()}
         else:
             pairs = self._read_user_pairs()
-        caps = {"train": d.train_rows, "val": d.val_rows, "test": d.test_rows}
-        rng = np.random.default_rng(d.split_seed)  # a seeded draw when a split is capped
-        for split, cap in caps.items():
-            if cap is not None and len(pairs[split]) > cap:
-                keep = np.sort(rng.choice(len(pairs[split]), cap, replace=False))
-                pairs[split] = [pairs[split][i] for i in keep]
-            if not pairs[split]:
-                raise UserError(f"{d.dataset}: the {split} split has no sentence pairs: add data or lower the fractions")
-        return pairs
+        return cap_splits(pairs, d, "sentence pairs")
 
     def _read_user_pairs(self) -> dict[str, list[tuple[str, str]]]:
         d = self.recipe.data
@@ -92,17 +81,11 @@ class TranslationTask(TextTask):
                             ".tsv / .jsonl file, or a source text file with data.target_path")
         path = Path(d.path).expanduser()
         columns = {"source_column": d.source_column, "target_column": d.target_column}
-        if path.is_dir():
-            found = {split: sorted(path.glob(f"{stem}.*")) for split, stem in SPLIT_FILES.items()}
-            missing = [SPLIT_FILES[s] for s, files in found.items() if not files]
-            if missing:
-                raise UserError(f"{path} has no {missing[0]}.tsv / .jsonl: a folder needs train, valid and test files")
-            return {split: read_pairs(files[0], **columns) for split, files in found.items()}
+        files = split_files(path, "tsv / .jsonl")
+        if files:
+            return {split: read_pairs(file, **columns) for split, file in files.items()}
         rows = read_pairs(path, target_path=d.target_path, **columns) if d.target_path else read_pairs(path, **columns)
-        order = np.random.default_rng(d.split_seed).permutation(len(rows))
-        n_test, n_val = int(round(d.test_fraction * len(rows))), int(round(d.val_fraction * len(rows)))
-        parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-        return {split: [rows[i] for i in np.sort(idx)] for split, idx in parts.items()}
+        return split_by_fraction(rows, d)
 
     def distill_rows(self, rows: TokenizedPairs) -> TokenizedPairs:
         """With data.targets (a `distill generate` folder of this teacher over these rows): the same sources with
@@ -163,9 +146,6 @@ class TranslationTask(TextTask):
                             "use a model trained for this task")
         model_config_adapter.validate_python(record["model"])
         return self.build_model(HFConfig(path=folder), data)
-
-    def record(self, model_cfg, data) -> dict:
-        return {**super().record(model_cfg, data), "model": {"kind": "hf", "path": "."}}
 
     # ------------------------------------------------------------------ scores
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 64) -> dict:
