@@ -265,3 +265,29 @@ def test_packed_data_is_sampled_from_the_beginning_of_its_test_documents(tmp_pat
     prompts, references = task.sample_prompts(data.test_documents, 3)
     assert all(p[0] == eos and len(p) == 12 for p in prompts)  # prompt + 12 new tokens within max_length 24
     assert [p + r for p, r in zip(prompts, references)] == [d[:24] for d in data.test_documents.ids[:3]]
+
+
+def test_the_imdb_lm_recipe_distils_a_4_layer_teacher_into_a_2_layer_student_on_packed_reviews():
+    from distill.recipe import builtin_recipe_path, load_recipe
+
+    r = load_recipe(builtin_recipe_path("imdb-lm"))
+    assert r.data.dataset == "imdb-lm" and r.data.pack and r.data.test_rows is None  # the sentiment task's test reviews
+    assert (r.teacher.model.layers, r.teacher.model.d_model, r.student.model.layers, r.student.model.d_model) == (4, 256, 2, 128)
+    assert r.distill.method == "kd" and r.distill.temperature == 1
+    assert min(r.teacher.model.max_positions, r.student.model.max_positions) >= r.data.max_length
+
+
+def test_layer_methods_read_the_hidden_states_of_language_models(task_and_data):
+    from distill.methods import build_method
+    from distill.methods.transformer import TransformerConfig
+    from distill.signals import LiveTeacher
+
+    task, data = task_and_data
+    teacher, student = (task.build_model(role.model, data) for role in (task.recipe.teacher, task.recipe.student))
+    inputs, y = data.train.__getitems__([0, 1, 2])
+    logits, out = student(inputs, output_hidden_states=True)
+    assert torch.allclose(logits, student(inputs), atol=1e-5) and len(out.hidden_states) == 2  # embeddings + 1 layer
+    method = build_method(TransformerConfig(hidden_weight=1.0), LiveTeacher(teacher))
+    method.setup(student, inputs)
+    loss, parts = method(student, inputs, y)
+    assert torch.isfinite(loss) and parts["hidden"] > 0

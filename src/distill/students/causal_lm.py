@@ -78,10 +78,13 @@ class CausalLM(nn.Module):
     def max_positions(self) -> int | None:
         return getattr(self.hf.config, "max_position_embeddings", None)
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not self.plain_head:  # (a head that scales or caps logits): the model's own logits, then selected
-            logits = self.hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            return logits[inputs["target_mask"]][:, : self.vocab_size]
+    def forward(self, inputs: dict[str, torch.Tensor], **hf_kwargs):
+        """Logits [N, V] at the counted positions; with transformers keyword arguments (output_hidden_states=True,
+        for the layer methods), (those logits, the model's whole output)."""
+        if hf_kwargs or not self.plain_head:  # (or a head that scales or caps logits): the model's own logits
+            out = self.hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **hf_kwargs)
+            logits = out.logits[inputs["target_mask"]][:, : self.vocab_size]
+            return (logits, out) if hf_kwargs else logits
         weight, bias = self.output_projection()
         return nn.functional.linear(self.counted_hidden(inputs), weight, bias)
 
@@ -100,7 +103,7 @@ class CausalLM(nn.Module):
         bias = head.bias[: self.vocab_size] if getattr(head, "bias", None) is not None else None
         return head.weight[: self.vocab_size], bias
 
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference_mode: on-policy training feeds the samples back into a forward with gradients)
     def generate(self, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, min_new_tokens: int = 0) -> list[torch.Tensor]:
         """The new tokens after each row's prompt (inputs' input_ids at attention_mask; padding on either side),
