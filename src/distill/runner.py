@@ -354,7 +354,7 @@ class Experiment:
             log.info("%s: already trained, loading %s", role, weights)
             model = self.task.load_trained(model, weights)
             saved = json.loads(history_file.read_text())
-            return model, saved["history"], saved["train_seconds"], len(saved["history"])
+            return model, saved["history"], saved["train_seconds"], epochs_run(saved["history"])
         t0 = time.perf_counter()
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
@@ -365,7 +365,7 @@ class Experiment:
         if self.main:
             self.task.save_model(model, weights, record)
             atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
-        return model, result.history, result.train_seconds, len(result.history)
+        return model, result.history, result.train_seconds, epochs_run(result.history)
 
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
@@ -379,6 +379,11 @@ class Experiment:
             self.out.rename(old)
         self.partial.rename(self.out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def epochs_run(history: list[dict]) -> int:
+    """Epochs a role trained (history rows are epochs, or validations every train.eval_every steps)."""
+    return int(history[-1]["epoch"]) if history else 0
 
 
 def _first_difference(a, b, prefix=""):
