@@ -65,7 +65,7 @@ def check_auto_cache(recipe: Recipe) -> None:
     from distill.cache_fit import check_cache_jitter, teacher_layers
 
     method = REGISTRY[recipe.distill.method]
-    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_teacher_network else None
+    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_network(recipe.distill) else None
     if reads:
         raise UserError(f"teacher.cache: auto stores the teacher's logits only, and distill.method={method.name} reads "
                         f"{reads}: remove teacher.cache")

@@ -37,6 +37,11 @@ class Method(ABC):
         self.epoch = 1
 
     @classmethod
+    def reads_network(cls, config: MethodConfig) -> bool:
+        """Whether this config needs the teacher network itself, not only its outputs (a logit cache cannot serve it)."""
+        return cls.reads_teacher_network
+
+    @classmethod
     def check(cls, config: MethodConfig, teacher: nn.Module, student: nn.Module) -> None:
         """Refuse (UserError) a config that cannot work with these networks, before anything is trained."""
 
