@@ -11,6 +11,11 @@ and the output projection of both networks, so no [N, V] logits of either exist:
 counted_hidden(inputs) -> [N, d] (the hidden states of exactly the rows their logits would have) and
 output_projection() -> (weight [V, d], bias or None). It needs the live teacher network (not a cache), and a
 student outside DDP/FSDP wrappers (calling counted_hidden directly would bypass their gradient synchronisation).
+
+on_policy (GKD, Agarwal et al. 2024): that share of batches trains on completions the student samples itself from
+the batch's prompts (`sample_completions(inputs, max_new_tokens, temperature) -> (inputs, y)` of the student
+network), with the divergence to the teacher on exactly the generated tokens; the loop counts those tokens when it
+normalises the step (distill.train_step), so a step is a mean over the tokens actually generated.
 """
 
 from __future__ import annotations
@@ -39,11 +44,17 @@ class DivergenceConfig(MethodConfig):
     soft_weight: float = Field(1.0, ge=0, description="weight of the mean divergence over the batch's rows")
     chunk_size: int | None = Field(1024, ge=1, description="rows (token positions) per chunk; null computes all rows at once")
     fused: bool = Field(False, description="from the final hidden states and output projections, never building [N, V] logits")
+    on_policy: float = Field(0.0, ge=0, le=1, description="share of batches (lambda of GKD) whose completions the student "
+                                                          "samples itself, scored by the teacher; the rest use the data's")
+    max_new_tokens: int = Field(64, ge=1, description="on_policy: tokens the student samples per prompt at most")
+    sample_temperature: float = Field(1.0, gt=0, description="on_policy: temperature of the student's sampling")
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.hard_weight == 0 and self.soft_weight == 0:
             raise ValueError("hard_weight and soft_weight are both 0: set soft_weight > 0")
+        if self.on_policy and self.soft_weight == 0:
+            raise ValueError("on_policy samples sequences for the teacher to score: set soft_weight > 0")
         if self.fused and self.chunk_size is None:
             raise ValueError("fused: true works a chunk of rows at a time: set chunk_size (e.g. 1024)")
         return self
@@ -78,12 +89,33 @@ class Divergence(Method):
 
     @classmethod
     def check(cls, config, teacher, student) -> None:
+        if config.on_policy and not callable(getattr(_unwrapped(student), "sample_completions", None)):
+            raise UserError(f"distill.on_policy needs a student that samples completions (a causal LM), which "
+                            f"{type(_unwrapped(student)).__name__} does not: set distill.on_policy=0")
         if config.fused:
             s, t = _projection_of(student, "student"), _projection_of(teacher, "teacher")
             vs, vt = s.output_projection()[0].shape[0], t.output_projection()[0].shape[0]
             if vs != vt:
                 raise UserError(f"distill.fused=true: the student's output projection has {vs} rows (vocabulary) and "
                                 f"the teacher's {vt}: they must be equal")
+
+    def sample_batch(self, student, batch):
+        """GKD's mixed regime: with probability on_policy the batch's completions are replaced by the student's own
+        samples from the same prompts (no gradient through sampling), so the teacher scores what the student
+        writes. The draw uses the global RNG, which resumable states restore."""
+        c = self.config
+        if not c.on_policy or float(torch.rand(())) >= c.on_policy:
+            return batch
+        if len(batch) != 2:
+            raise UserError("distill.on_policy scores the student's own samples with the live teacher; a teacher cache "
+                            "holds outputs for the data's sequences only: remove teacher.cache or set distill.on_policy=0")
+        net = _unwrapped(student)
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            inputs, y = net.sample_completions(batch[0], max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature)
+        net.train(was_training)
+        return inputs, y
 
     def __call__(self, student, x, y):
         c = self.config
