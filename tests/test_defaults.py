@@ -12,7 +12,7 @@ from distill.cli import main
 from distill.errors import UserError
 from distill.recipe import Recipe, TrainConfig, load_recipe
 from distill.run_checks import run_warnings
-from distill.train import DEFAULT_MIN_STEPS, resolve_epochs
+from distill.schedule import DEFAULT_MIN_STEPS, resolve_epochs
 
 
 def _write(tmp_path, raw, name="recipe.yaml"):

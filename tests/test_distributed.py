@@ -1,5 +1,6 @@
 """Data-parallel training through Accelerate: 2 CPU processes (gloo) give the single-process result."""
 
+import copy
 import json
 import os
 import shutil
@@ -178,23 +179,31 @@ def test_text_run_on_two_processes_equals_one(tmp_path, task):
     _same_weights_on_one_and_two_processes(tmp_path, {**raw, "output_dir": str(tmp_path / "runs")})
 
 
-def test_translation_run_on_two_processes_equals_one(tmp_path):
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_translation_run_on_two_processes_equals_one(tmp_path, accumulate):
     """A whole seq2seq run (teacher from a config, word-level KD into a smaller student) under torchrun gives the
     single-process weights: sentences own different numbers of target tokens, each process's loss is weighted by its
-    share of the step's tokens."""
+    share of the step's tokens. accumulate: the two processes take each step of 32 pairs as 2 accumulated batches
+    of 16 (8 per process), normalised by the tokens of the whole step."""
     from translation_fixtures import translation_recipe
 
     raw = translation_recipe(tmp_path)  # 320 training pairs: 10 whole global batches of 32
     raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 3, 2
-    _same_weights_on_one_and_two_processes(tmp_path, raw)
+    two = None
+    if accumulate:
+        two = copy.deepcopy(raw)
+        for role in ("teacher", "student"):
+            assert two[role]["train"]["batch_size"] == 32
+            two[role]["train"].update(batch_size=16, grad_accum=2)
+    _same_weights_on_one_and_two_processes(tmp_path, raw, two)
 
 
-def _same_weights_on_one_and_two_processes(tmp_path, raw: dict) -> None:
-    """Run the recipe `raw` in one process (name "one") and under torchrun on two ("two"); the saved teacher and
-    student folders must hold the same weights."""
+def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None = None) -> None:
+    """Run the recipe `raw` in one process (name "one") and under torchrun on two ("two", the recipe `two` when
+    given); the saved teacher and student folders must hold the same weights."""
     for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**raw, "name": name}))
+        path.write_text(yaml.safe_dump({**(two if name == "two" and two else raw), "name": name}))
         if launcher:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             done = subprocess.run([*launcher, "run", str(path), "--quiet"], env=env, capture_output=True, text=True, timeout=300)

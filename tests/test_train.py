@@ -169,7 +169,7 @@ def test_state_writes_are_spaced_when_epochs_are_short(digits, tmp_path, monkeyp
 
     epochs_written = []
     real = train_mod._save_state
-    monkeypatch.setattr(train_mod, "_save_state", lambda *a, **k: (epochs_written.append(a[5]), real(*a, **k)))
+    monkeypatch.setattr(train_mod, "_save_state", lambda *a, **k: (epochs_written.append(a[4].epochs_done), real(*a, **k)))
     monkeypatch.setattr(train_mod._Cadence, "COST_RATIO", 1e9)  # no time-based write in between: deterministic
     small = torch.utils.data.Subset(digits.train, range(64))
     cfg = TrainConfig(epochs=30, batch_size=64, lr=0.003)

@@ -7,3 +7,7 @@ Messages name the field or file at fault and say how to fix it.
 
 class UserError(ValueError):
     """A problem in what the user gave us, with a message that says how to fix it."""
+
+
+class NonFiniteError(UserError):
+    """NaN or inf where training needs finite numbers (a teacher's logits); the loop adds the step it happened at."""

@@ -41,8 +41,8 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for i, row in enumerate(history or []):
         if isinstance(row, dict) and _finite(row.get(key)):
-            epoch = row.get("epoch")
-            xs.append(epoch if _finite(epoch) else i + 1)
+            x = row.get("step", row.get("epoch"))  # rows every train.eval_every steps carry their step
+            xs.append(x if _finite(x) else i + 1)
             ys.append(row[key])
     return xs, ys
 
@@ -124,7 +124,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path) -> Path | None:
             if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
                 ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        by_step = {"step" in row for role in roles for row in histories[role] or [] if isinstance(row, dict)}
+        ax.set_xlabel({frozenset({True}): "step", frozenset({False}): "epoch"}.get(frozenset(by_step), "epoch or step"))
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -104,9 +104,22 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
+    warmup_steps: int | None = Field(None, ge=0, description="linear learning-rate warm-up in optimiser steps (instead "
+                                                             "of warmup_epochs)")
+    grad_accum: int = Field(1, ge=1, description="batches per optimiser step (the step's batch is batch_size x "
+                                                 "grad_accum rows); losses are normalised by the rows of the whole step")
+    max_steps: int | None = Field(None, ge=1, description="train exactly this many optimiser steps (decides the "
+                                                          "number of epochs; for long runs such as LLMs)")
+    eval_every: int | None = Field(None, ge=1, description="validate (and keep the best weights) every this many "
+                                                           "optimiser steps instead of after every epoch")
+    save_every: int | None = Field(None, ge=1, description="write the resumable state every this many optimiser "
+                                                           "steps too (a kill loses at most these steps)")
     grad_clip: float | None = Field(None, gt=0)
     jitter: int = Field(0, ge=0, description="random translation of images by up to this many pixels")
-    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation score")
+    patience: int | None = Field(None, ge=1, description="stop after this many validations (epochs, or eval_every "
+                                                         "steps) without a better validation score")
+    group_by_length: bool = Field(False, description="text: batches of rows of similar length, so padding does not eat "
+                                                     "the compute (less random batches: measure on small data)")
 
 
 class ModelRole(_Strict):

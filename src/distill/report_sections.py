@@ -33,20 +33,23 @@ def training(train: dict, epochs_run=None) -> str:
     t = _dict(train)
     if not t:
         return "training settings not recorded"
-    from distill.train import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
+    from distill.schedule import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 
-    epochs = (f"{value_text(t['epochs'])} epochs" if t.get("epochs") is not None else
+    epochs = (f"{value_text(t['max_steps'])} steps" if t.get("max_steps") else
+              f"{value_text(t['epochs'])} epochs" if t.get("epochs") is not None else
               f"default length ({DEFAULT_EPOCHS} epochs, or more until {t.get('min_steps') or DEFAULT_MIN_STEPS:,} steps)")
-    parts = [epochs, f"batch {value_text(t.get('batch_size'))}",
+    batch = f"batch {value_text(t.get('batch_size'))}" + (f" x {t['grad_accum']} accumulated" if (t.get("grad_accum") or 1) > 1 else "")
+    parts = [epochs, batch,
              str(t.get("optimizer", "-")), f"lr {value_text(t.get('lr'))}"]
     if t.get("optimizer") == "sgd":
         parts.append(f"momentum {value_text(t.get('momentum'))}")
     parts.append(f"{t.get('schedule', '-')} schedule")
-    for key in ("min_steps", "weight_decay", "warmup_epochs", "grad_clip", "jitter", "patience"):
+    for key in ("min_steps", "weight_decay", "warmup_epochs", "warmup_steps", "grad_clip", "jitter", "patience",
+                "eval_every", "group_by_length"):
         if not _off(t.get(key)):
             parts.append(f"{key} {value_text(t[key])}")
     ran = num(epochs_run)
-    if ran is not None and ran != num(t.get("epochs")):
+    if ran is not None and ran != num(t.get("epochs")) and not t.get("max_steps"):
         parts.append(f"ran {int(ran)}")
     return ", ".join(parts)
 

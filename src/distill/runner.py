@@ -65,7 +65,7 @@ def check_auto_cache(recipe: Recipe) -> None:
     from distill.cache_fit import check_cache_jitter, teacher_layers
 
     method = REGISTRY[recipe.distill.method]
-    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_teacher_network else None
+    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_network(recipe.distill) else None
     if reads:
         raise UserError(f"teacher.cache: auto stores the teacher's logits only, and distill.method={method.name} reads "
                         f"{reads}: remove teacher.cache")
@@ -355,7 +355,7 @@ class Experiment:
             log.info("%s: already trained, loading %s", role, weights)
             model = self.task.load_trained(model, weights)
             saved = json.loads(history_file.read_text())
-            return model, saved["history"], saved["train_seconds"], len(saved["history"])
+            return model, saved["history"], saved["train_seconds"], epochs_run(saved["history"])
         t0 = time.perf_counter()
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
                      accelerator=accelerator, state_dir=self.partial / "state" / role, resume=resume,
@@ -366,7 +366,7 @@ class Experiment:
         if self.main:
             self.task.save_model(model, weights, record)
             atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
-        return model, result.history, result.train_seconds, len(result.history)
+        return model, result.history, result.train_seconds, epochs_run(result.history)
 
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
@@ -380,6 +380,11 @@ class Experiment:
             self.out.rename(old)
         self.partial.rename(self.out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def epochs_run(history: list[dict]) -> int:
+    """Epochs a role trained (history rows are epochs, or validations every train.eval_every steps)."""
+    return int(history[-1]["epoch"]) if history else 0
 
 
 def _first_difference(a, b, prefix=""):

@@ -103,16 +103,17 @@ def final_metrics(results: dict) -> dict:
 
 
 def log_epoch(accelerator, role: str, row: dict) -> None:
-    """One epoch's row (train_loss, train_<part>, val_<metric>, val_loss, lr, seconds) as `<role>/<key>` at step =
-    epoch; non-finite values (no validation rows) are left out. Nothing without trackers."""
+    """One history row (train_loss, train_<part>, val_<metric>, val_loss, lr, seconds) as `<role>/<key>` at step =
+    its epoch (or its optimiser step, with train.eval_every); non-finite values (no validation rows) are left out. Nothing without trackers."""
     if not accelerator.trackers:
         return
-    values = {metric_key(role, k): float(v) for k, v in row.items() if k != "epoch" and _number(v)}
+    values = {metric_key(role, k): float(v) for k, v in row.items() if k not in ("epoch", "step") and _number(v)}
+    x = "step" if "step" in row else "epoch"  # rows every train.eval_every steps are logged at their step
     for tracker in list(accelerator.trackers):
         if tracker.name in RUN_STEP_TRACKERS:
-            _safely(accelerator, tracker, "log", {**values, metric_key(role, "epoch"): row["epoch"]})
+            _safely(accelerator, tracker, "log", {**values, metric_key(role, x): row[x]})
         else:
-            _safely(accelerator, tracker, "log", values, step=row["epoch"])
+            _safely(accelerator, tracker, "log", values, step=row[x])
 
 
 def _safely(accelerator, tracker, what: str, *args, quiet: bool = False, **kwargs) -> None:

@@ -1,7 +1,9 @@
 """The training loop, on Hugging Face Accelerate: one loop for teachers, scratch students and distilled students.
 
-What differs between them is the `method` (a loss for a batch); the loop only steps, validates, keeps
-the best weights on validation, stops early, and writes a resumable checkpoint after every epoch.
+What differs between them is the `method` (a loss for a batch); the loop only steps (train_step.py: gradient
+accumulation, rows normalised over the step), validates after every epoch or every train.eval_every steps, keeps
+the best weights on validation, stops early, and writes a resumable state from which a run continues at the exact
+batch (schedule.py decides how long training lasts and the learning rate).
 """
 
 import contextlib
@@ -22,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
+from distill.batching import LengthGroupedBatches, row_lengths
 from distill.checkpoint import load_model_file, write_safetensors
 from distill.data.arrays import batch_collate
 from distill.training_state import (
@@ -31,21 +34,22 @@ from distill.training_state import (
     load_training_state,
     save_training_state,
 )
-from distill.errors import UserError
+from distill.errors import NonFiniteError, UserError
 from distill.methods.base import Method
 from distill.tasks.base import Task
-from distill.tasks.classification import ClassificationTask, random_shift
+from distill.schedule import make_scheduler, plan_training
+from distill.tasks.classification import ClassificationTask
 from distill.tracking import log_epoch
+from distill.train_step import StepRunner, _feed_teacher, _is_cached
 
 log = logging.getLogger("distill")
-DEFAULT_EPOCHS = 20  # when train.epochs is not set ...
-DEFAULT_MIN_STEPS = 1000  # ... raised until training takes this many steps (see resolve_epochs)
 
 
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one dict per epoch
     best_epoch: int = 0
+    best_step: int | None = None  # with train.eval_every: the optimiser step of the best validation
     best_val_score: float = float("nan")  # the task's metric (accuracy, entity F1, ...) at the best epoch
     best_val_loss: float = float("nan")
     train_seconds: float = 0.0  # time in training steps, summed over epochs (validation excluded)
@@ -102,31 +106,31 @@ def check_engine(accelerator: Accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UserError(f"Accelerate is set up for {accelerator.distributed_type.value}, which distill does not support: "
                         "use DDP or FSDP (accelerate config)")
-    if accelerator.gradient_accumulation_steps != 1:  # the loop steps on every batch
+    if accelerator.gradient_accumulation_steps != 1:  # distill accumulates itself, normalising by the step's rows
         raise UserError(f"Accelerate is set up to accumulate gradients over {accelerator.gradient_accumulation_steps} "
-                        "batches, which distill's loop does not do: set gradient_accumulation_steps 1 and a larger "
-                        "train.batch_size")
+                        "batches: set gradient_accumulation_steps 1 in Accelerate's config and train.grad_accum "
+                        f"{accelerator.gradient_accumulation_steps} in the recipe (distill normalises by the rows of the step)")
 
 
-def make_loader(data: Dataset | DataLoader, batch_size: int, generator: torch.Generator) -> DataLoader:
+def make_loader(data: Dataset | DataLoader, batch_size: int, generator: torch.Generator,
+                group_by_length: bool = False) -> DataLoader:
     """Batches of `batch_size` rows from any map-style dataset (shuffled by `generator`, so an epoch's order depends
     on the seed and the epoch only), Subset, or IterableDataset (in its own order); a DataLoader is used as given.
     Datasets that gather a whole batch at once (__getitems__: distill's in-memory and text datasets) are collated
-    by themselves; any other dataset's rows go through PyTorch's default collate."""
+    by themselves; any other dataset's rows go through PyTorch's default collate. group_by_length: batches of rows
+    of similar length (distill.batching), for datasets that give `lengths()` (distill's text datasets)."""
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, IterableDataset):
         return DataLoader(data, batch_size=batch_size, collate_fn=batch_collate)
-    sampler = BatchSampler(RandomSampler(data, generator=generator), batch_size, drop_last=False)
+    lengths = row_lengths(data) if group_by_length else None
+    if group_by_length and lengths is None:
+        raise UserError("train.group_by_length needs rows of known length (distill's text datasets): set it to false")
+    if lengths is not None:
+        sampler = LengthGroupedBatches(lengths, batch_size, generator)
+    else:
+        sampler = BatchSampler(RandomSampler(data, generator=generator), batch_size, drop_last=False)
     return DataLoader(data, batch_sampler=sampler, collate_fn=batch_collate)
-
-
-def steps_per_epoch(loader: DataLoader) -> int | None:
-    """Batches in one pass over `loader`, or None when its dataset does not tell (an IterableDataset without len)."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -134,51 +138,6 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def resolve_epochs(cfg, steps: int | None, desc: str = "train") -> int:
-    """Passes over the data: train.epochs when set, else DEFAULT_EPOCHS; then raised, when an epoch has `steps`
-    optimisation steps, until training takes at least train.min_steps steps (default DEFAULT_MIN_STEPS when
-    epochs is not set, none when it is). So small data sets get enough updates by default, and a recipe that
-    sets its epochs trains exactly that long unless it also asks for min_steps."""
-    epochs = cfg.epochs or DEFAULT_EPOCHS
-    min_steps = cfg.min_steps if cfg.min_steps is not None else (0 if cfg.epochs else DEFAULT_MIN_STEPS)
-    if min_steps and steps is None:
-        if cfg.min_steps is not None:
-            raise UserError(f"{desc}: train.min_steps={cfg.min_steps} needs the number of batches in an epoch, which this "
-                            "IterableDataset does not give (no __len__): set train.epochs instead, or give it a __len__")
-        return epochs
-    if min_steps and steps:
-        needed = math.ceil(min_steps / steps)
-        if needed > epochs:
-            log.info("%s: %d epochs of %d steps, to reach train.min_steps=%d", desc, needed, steps, min_steps)
-            epochs = needed
-    return epochs
-
-
-def make_scheduler(optimizer, cfg, steps_per_epoch: int | None) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant / cosine / linear decay to zero, stepped once per batch."""
-    if steps_per_epoch is None:
-        if cfg.schedule != "constant" or cfg.warmup_epochs:
-            raise UserError(f"train.schedule={cfg.schedule} / warmup_epochs={cfg.warmup_epochs} need the number of "
-                            "batches in an epoch, which this IterableDataset does not give (no __len__): set "
-                            "train.schedule=constant and warmup_epochs=0, or give the dataset a __len__")
-        steps_per_epoch = 1
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    schedule = cfg.schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit(
@@ -198,69 +157,217 @@ def fit(
 ) -> FitResult:
     """Train `model` with `method`'s loss under the TrainConfig `cfg`; return with the best-on-validation weights.
 
-    state_dir: where a resumable checkpoint (model, optimizer, scheduler, RNG, epoch, history) is written (see
-    _Cadence); resume=True continues one. val_data=None keeps the last weights. task: what the batches and models
-    are and how they are scored (default: in-memory (x, y) classification); its metric picks the best epoch."""
-    task = task or ClassificationTask()
-    accelerator = accelerator or make_accelerator()
-    val_data = _check_fit(method, val_data, cfg, accelerator, desc)
-    set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
-    generator = torch.Generator()
-    loader = make_loader(train_data, cfg.batch_size, generator)
-    cfg = cfg.model_copy(update={"epochs": resolve_epochs(cfg, steps_per_epoch(loader), desc)})
-    target = model  # what the caller gets back trained: under FSDP a plain module, as with one process
-    prepared_model, optimizer, prepared_opt, prepared_loader = _prepare(model, method, loader, cfg, accelerator)
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(loader))
-    raw_model = accelerator.unwrap_model(prepared_model)
-    trained = nn.ModuleDict({"student": raw_model, "method": method.modules})  # what a checkpoint holds
+    state_dir: where a resumable checkpoint (model, optimizer, scheduler, RNG, position in the epoch, history) is
+    written (see _Cadence, train.save_every); resume=True continues one at the exact batch. val_data=None keeps the
+    last weights. task: what the batches and models are and how they are scored (default: in-memory (x, y)
+    classification); its metric picks the best validation (after every epoch, or every train.eval_every steps)."""
+    return _Training(model, method, train_data, val_data, cfg, seed=seed, accelerator=accelerator or make_accelerator(),
+                     state_dir=state_dir, desc=desc, progress=progress, task=task or ClassificationTask()).run(resume)
 
-    result = FitResult()
-    best_state = None
-    start_epoch, step, bad_epochs = 1, 0, 0
-    if resume and state_dir is not None and has_training_state(state_dir):
-        start_epoch, step, bad_epochs, best_state = _resume(state_dir, trained, optimizer, scheduler, result, cfg, desc)
 
-    loop = _Loop.build(prepared_model, raw_model, method, cfg, accelerator, optimizer, prepared_opt, scheduler, task)
-    total_steps = cfg.epochs * (steps_per_epoch(loader) or 0) or None  # None: an IterableDataset of unknown length
-    cadence = _Cadence(every_epoch=accelerator.num_processes > 1)
-    bar = loop.bar = tqdm(total=total_steps, initial=min(step, total_steps or step), desc=desc, disable=None if progress and accelerator.is_local_main_process else True, leave=False)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        generator.manual_seed(seed * 1_000_003 + epoch)  # the shuffle of epoch e depends only on (seed, e): resumable
-        prepared_model.train()
-        method.modules.train()
-        method.start_epoch(epoch)
-        t0 = time.perf_counter()
-        loss_sum, parts_sum, n_batches = loop.epoch(prepared_loader)
-        step += n_batches
-        row = _epoch_row(epoch, loss_sum, parts_sum, n_batches, time.perf_counter() - t0, scheduler, cfg, desc)
+def steps_per_epoch(loader: DataLoader) -> int | None:
+    """Batches in one pass over `loader`, or None when its dataset does not tell (an IterableDataset without len)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def batch_groups(loader, size: int):
+    """The loader's batches in lists of `size` (one optimiser step each); the last list of an epoch may be shorter."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+@dataclass
+class _Position:
+    """Where training is (what a resumable state stores besides the tensors) and the history row in progress."""
+
+    step: int = 0  # optimiser steps done
+    epochs_done: int = 0
+    batch: int = 0  # batches of the epoch in progress done
+    bad_rows: int = 0  # validations in a row without a better score (patience)
+    stopped: bool = False
+    loss_sum: torch.Tensor | float = 0.0  # of the row in progress: sums over its steps
+    parts_sum: dict = field(default_factory=dict)
+    row_steps: int = 0
+    row_seconds: float = 0.0
+
+    def add(self, loss, parts: dict, batches: int, seconds: float) -> None:
+        self.step += 1
+        self.batch += batches
+        self.loss_sum = self.loss_sum + loss
+        for k, v in parts.items():
+            self.parts_sum[k] = self.parts_sum.get(k, 0.0) + v
+        self.row_steps += 1
+        self.row_seconds += seconds
+
+    def row(self, epoch: int, scheduler, cfg, desc: str, by_steps: bool) -> dict:
+        """The row's training figures (mean loss and loss terms per step); a non-finite loss stops training."""
+        n = max(1, self.row_steps)
+        train_loss = float(self.loss_sum) / n
+        if not math.isfinite(train_loss):
+            where = f"by step {self.step}" if by_steps else f"in epoch {epoch}"
+            raise UserError(f"{desc}: the training loss became {train_loss} {where}; lower train.lr (now {cfg.lr}) "
+                            "or set train.grad_clip")
+        row = {"epoch": epoch, **({"step": self.step} if by_steps else {}), "train_loss": train_loss,
+               "seconds": self.row_seconds, "lr": scheduler.get_last_lr()[0]}
+        row.update({f"train_{k}": float(v) / n for k, v in self.parts_sum.items()})
+        self.loss_sum, self.parts_sum, self.row_steps, self.row_seconds = 0.0, {}, 0, 0.0
+        return row
+
+    def saved(self) -> dict:
+        return {"batch": self.batch, "bad_epochs": self.bad_rows, "stopped": self.stopped,
+                "row": {"loss": float(self.loss_sum), "parts": {k: float(v) for k, v in self.parts_sum.items()},
+                        "steps": self.row_steps, "seconds": self.row_seconds}}
+
+    @classmethod
+    def restored(cls, step: int, epochs_done: int, extra: dict) -> "_Position":
+        row = extra.get("row") or {"loss": 0.0, "parts": {}, "steps": 0, "seconds": 0.0}  # (older states: none)
+        return cls(step, epochs_done, extra.get("batch", 0), extra["bad_epochs"], bool(extra.get("stopped")),
+                   torch.tensor(row["loss"], dtype=torch.float64),  # the sums are float64 (train_step)
+                   {k: torch.tensor(v, dtype=torch.float64) for k, v in row["parts"].items()}, row["steps"],
+                   row["seconds"])
+
+
+class _Training:
+    """One `fit`: the prepared model, optimizer and loader, the position, the best weights, and the steps."""
+
+    def __init__(self, model, method, train_data, val_data, cfg, *, seed, accelerator, state_dir, desc, progress, task):
+        self.method, self.seed, self.accelerator, self.desc, self.task = method, seed, accelerator, desc, task
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.val_data = _check_fit(method, val_data, cfg, accelerator, desc)
+        set_seed(seed)  # dropout, jitter and any sampling in the method: the same seed gives the same run
+        self.generator = torch.Generator()
+        loader = make_loader(train_data, cfg.batch_size, self.generator, cfg.group_by_length)
+        self.plan = plan_training(cfg, steps_per_epoch(loader), desc)
+        self.cfg = cfg = cfg.model_copy(update={"epochs": self.plan.epochs})
+        self.target = model  # what the caller gets back trained: under FSDP a plain module, as with one process
+        self.model, self.optimizer, prepared_opt, self.loader = _prepare(model, method, loader, cfg, accelerator)
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.plan)
+        self.raw_model = accelerator.unwrap_model(self.model)
+        self.trained = nn.ModuleDict({"student": self.raw_model, "method": method.modules})  # what a state holds
+        self.steps = StepRunner.build(self.model, self.raw_model, method, cfg, accelerator, self.optimizer, prepared_opt,
+                                      self.scheduler, task)
+        self.result, self.best_state, self.pos = FitResult(), None, _Position()
+        self.cadence = _Cadence(every_epoch=accelerator.num_processes > 1)
+        self.bar = tqdm(total=self.plan.total_steps, desc=desc, leave=False,
+                        disable=None if progress and accelerator.is_local_main_process else True)
+
+    def run(self, resume: bool) -> FitResult:
+        if resume and self.state_dir is not None and has_training_state(self.state_dir):
+            self._resume()
+        epoch = self.pos.epochs_done + 1
+        while epoch <= self.plan.epochs and not self.pos.stopped:
+            self._epoch(epoch)
+            epoch += 1
+        self.bar.close()
+        if self.best_state is None and self.sharded:
+            self.best_state = full_weights(self.raw_model)
+        if self.best_state is not None:
+            self.target.load_state_dict(self.best_state)
+        self.result.student = self.target
+        return self.result
+
+    def _epoch(self, epoch: int) -> None:
+        """The steps of one pass (from the saved batch when resumed in the middle); validation after it, or every
+        train.eval_every steps; sets pos.stopped at the last step or on early stopping."""
+        pos, cfg, plan = self.pos, self.cfg, self.plan
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)  # the order of epoch e depends only on (seed, e)
+        self._train_mode()
+        self.method.start_epoch(epoch)
+        loader = self.accelerator.skip_first_batches(self.loader, pos.batch) if pos.batch else self.loader
+        for batches in batch_groups(loader, cfg.grad_accum):
+            t0 = time.perf_counter()
+            try:
+                loss, parts = self.steps.step(batches)
+            except NonFiniteError as e:
+                raise UserError(f"{self.desc}: step {pos.step + 1} (epoch {epoch}, batch {pos.batch + 1}): {e}") from None
+            if loss.device.type == "cpu" and not math.isfinite(loss):  # free on CPU; elsewhere checked per row
+                raise UserError(f"{self.desc}: the training loss became {float(loss)} at step {pos.step + 1} (epoch "
+                                f"{epoch}); lower train.lr (now {cfg.lr}) or set train.grad_clip")
+            pos.add(loss, parts, len(batches), time.perf_counter() - t0)
+            self.bar.update(1)
+            last = plan.total_steps is not None and pos.step >= plan.total_steps
+            if cfg.eval_every and (pos.step % cfg.eval_every == 0 or last):
+                self._close_row(epoch, last)
+                self._train_mode()
+            elif cfg.save_every and pos.step % cfg.save_every == 0 and not last:
+                self._save()  # every save_every steps, whatever the cadence
+            if last or pos.stopped:
+                pos.stopped = True
+                break
+        if not pos.stopped or not cfg.eval_every:
+            pos.epochs_done, pos.batch = epoch, 0
+        final = pos.stopped or epoch == plan.epochs
+        if not cfg.eval_every or (final and pos.row_steps):
+            self._close_row(epoch, final)
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        self.method.modules.train()
+
+    def _close_row(self, epoch: int, last: bool) -> None:
+        """Validate, keep the best weights, log the history row, decide early stopping, write the state if due."""
+        pos, result = self.pos, self.result
+        row = pos.row(epoch, self.scheduler, self.cfg, self.desc, by_steps=bool(self.cfg.eval_every))
         result.train_seconds += row["seconds"]
-        improved = _validate(task, prepared_model, val_data, accelerator.device, row, result)
+        improved = _validate(self.task, self.model, self.val_data, self.accelerator.device, row, result)
         if improved:
-            best_state = full_weights(raw_model)
-            bad_epochs = 0
+            self.best_state = full_weights(self.raw_model)
+            pos.bad_rows = 0
         else:
-            bad_epochs += 1
+            pos.bad_rows += 1
         result.history.append(row)
-        _show_epoch(accelerator, bar, desc, row, task.metric)
-        stop = cfg.patience is not None and bad_epochs >= cfg.patience
-        cadence.best_changed |= improved
-        if state_dir is not None and cadence.due(last=stop or epoch == cfg.epochs):
-            with cadence.writing():
-                gathered = gather_training_state(trained, optimizer) if sharded else None  # under FSDP: every process
-                if accelerator.is_main_process:
-                    _save_state(state_dir, trained, optimizer, scheduler, step, epoch, result, bad_epochs, best_state,
-                                cadence.best_changed, stop, gathered)
-        if stop:
-            log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, result.best_epoch)
-            break
-    bar.close()
-    if best_state is None and sharded:
-        best_state = full_weights(raw_model)
-    if best_state is not None:
-        target.load_state_dict(best_state)
-    result.student = target
-    return result
+        _show_epoch(self.accelerator, self.bar, self.desc, row, self.task.metric)
+        if self.cfg.patience is not None and pos.bad_rows >= self.cfg.patience:
+            best = f"step {result.best_step}" if result.best_step is not None else f"epoch {result.best_epoch}"
+            log.info("%s: early stop after %s (best %s)", self.desc, _when(row), best)
+            pos.stopped = last = True
+        self.cadence.best_changed |= improved
+        if self.cadence.due(last=last):
+            self._save()
+
+    def _save(self) -> None:
+        if self.state_dir is None:
+            return
+        with self.cadence.writing():
+            gathered = gather_training_state(self.trained, self.optimizer) if self.sharded else None  # every process
+            if self.accelerator.is_main_process:
+                _save_state(self.state_dir, self.trained, self.optimizer, self.scheduler, self.pos, self.result,
+                            self.best_state, self.cadence.best_changed, gathered)
+
+    def _resume(self) -> None:
+        """Load a resumable state into the model, optimizer, scheduler and RNG; the history into `result`; the
+        position (epoch, batch, the row in progress) into `pos`; the best-on-validation weights."""
+        saved = load_training_state(self.state_dir, model=self.trained, optimizer=self.optimizer, scheduler=self.scheduler)
+        extra, result = saved["extra"], self.result
+        result.history = extra["history"]
+        result.best_epoch, result.best_step = extra["best_epoch"], extra.get("best_step")
+        result.best_val_score = extra.get("best_val_score", extra.get("best_val_accuracy"))  # (older checkpoints)
+        result.best_val_loss = extra.get("best_val_loss", float("nan"))
+        result.train_seconds = extra["train_seconds"]
+        self.pos = _Position.restored(saved["step"], saved["epoch"], extra)
+        best = _best_path(self.state_dir)
+        if result.history:  # a validation has happened (a state saved every N steps may come before the first)
+            if not best.exists():  # written before the state: without it the best validation is lost
+                raise UserError(f"{self.desc}: the checkpoint in {self.state_dir} has lost its best-on-validation "
+                                f"weights {best}: put that file back, or start afresh without --resume")
+            self.best_state = load_model_file(best)[0]
+        self.bar.update(self.pos.step)
+        log.info("%s: resumed after step %d (epoch %d, batch %d)", self.desc, self.pos.step, self.pos.epochs_done + 1,
+                 self.pos.batch)
+
+
+def _when(row: dict) -> str:
+    return f"step {row['step']}" if "step" in row else f"epoch {row['epoch']}"
 
 
 def _check_fit(method, val_data, cfg, accelerator, desc: str):
@@ -307,7 +414,7 @@ def _validate(task, model, val_data, device, row: dict, result: FitResult) -> bo
         row.update({f"val_{task.metric}": val["score"], "val_loss": val["loss"]})
         if result.history and not task.better(val["score"], result.best_val_score, val["loss"], result.best_val_loss):
             return False
-    result.best_epoch = row["epoch"]
+    result.best_epoch, result.best_step = row["epoch"], row.get("step")
     result.best_val_score = row.get(f"val_{task.metric}", float("nan"))
     result.best_val_loss = row.get("val_loss", float("nan"))
     return True
@@ -319,80 +426,6 @@ def _show_epoch(accelerator, bar, desc: str, row: dict, metric: str) -> None:
     bar.set_postfix(epoch=row["epoch"], loss=f"{row['train_loss']:.4f}",
                     **{k: f"{row[k]:.4f}" for k in (f"val_{metric}",) if k in row})
     log.info("%s epoch %d: %s", desc, row["epoch"], {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
-
-
-def _epoch_row(epoch, loss_sum, parts_sum, n_batches, seconds, scheduler, cfg, desc: str) -> dict:
-    """The epoch's training figures (mean loss and loss terms per batch); a non-finite loss stops training."""
-    train_loss = loss_sum.item() / max(1, n_batches)
-    if not math.isfinite(train_loss):
-        raise UserError(f"{desc}: the training loss became {train_loss} in epoch {epoch}; lower train.lr (now {cfg.lr}) "
-                        "or set train.grad_clip")
-    row = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
-    row.update({f"train_{k}": float(v) / max(1, n_batches) for k, v in parts_sum.items()})
-    return row
-
-
-@dataclass
-class _Loop:
-    """What one optimisation step needs; `epoch` runs the steps of one pass over the loader."""
-
-    model: nn.Module
-    method: Method
-    cfg: object
-    accelerator: Accelerator
-    stepper: object  # the optimizer, or Accelerate's wrapper of it when fp16 loss scaling needs it
-    scheduler: object
-    params: list  # what gradient clipping sees: the student's and the method's parameters
-    constrain: object  # the model's weight constraint after each step, or None
-    autocast: object
-    share_rows: bool  # weight each process's loss by its share of the step's rows (see fit)
-    bar: object = None
-
-    @classmethod
-    def build(cls, prepared_model, raw_model, method, cfg, accelerator, optimizer, prepared_opt, scheduler, task):
-        params = list(prepared_model.parameters()) + list(method.parameters())  # what gradient clipping sees
-        # examples own different numbers of label rows (a tagger's words): each process's per-row mean is weighted
-        # by its share of the step's rows, so DDP's average of gradients is the mean over all rows, as with one process
-        share_rows = task.variable_rows and accelerator.num_processes > 1
-        constrain = getattr(raw_model, "apply_constraints", None)
-        # Accelerate's optimizer wrapper and autocast only matter for fp16 loss scaling and mixed precision (distill
-        # uses neither gradient accumulation nor XLA); the wrapper's step also looks up optional packages on every
-        # call, about 0.4 ms a batch, so without them the loop steps the optimizer itself.
-        stepper = prepared_opt if accelerator.scaler is not None else optimizer
-        autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
-        return cls(prepared_model, method, cfg, accelerator, stepper, scheduler, params, constrain, autocast, share_rows)
-
-    def epoch(self, loader) -> tuple[torch.Tensor, dict, int]:
-        """(sum of the batch losses, sums of the named loss parts, batches) of one pass over `loader`."""
-        method, cfg, accelerator = self.method, self.cfg, self.accelerator
-        loss_sum = torch.zeros((), device=accelerator.device)
-        parts_sum: dict[str, torch.Tensor] = {}
-        n_batches = 0
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            _feed_teacher(getattr(method, "teacher", None), batch, x)
-            if cfg.jitter:
-                x = random_shift(x, cfg.jitter)
-            with self.autocast():
-                loss, parts = method(self.model, x, y)
-            if self.share_rows:
-                loss = loss * _row_share(y, accelerator)
-            accelerator.backward(loss)
-            if accelerator.num_processes > 1:
-                _average_gradients(method.parameters(), accelerator)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.stepper.step()
-            self.scheduler.step()
-            self.stepper.zero_grad(set_to_none=True)
-            if self.constrain is not None:
-                self.constrain()
-            loss_sum += loss.detach()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            n_batches += 1
-            self.bar.update(1)
-        return loss_sum, parts_sum, n_batches
 
 
 class _Cadence:
@@ -424,24 +457,6 @@ class _Cadence:
         self.best_changed = False
 
 
-def _resume(state_dir, trained, optimizer, scheduler, result: FitResult, cfg, desc: str):
-    """Load a resumable checkpoint into the model, optimizer and scheduler, and its history into `result`;
-    return (first epoch to train, step, epochs without improvement, best-on-validation weights)."""
-    saved = load_training_state(state_dir, model=trained, optimizer=optimizer, scheduler=scheduler)
-    extra = saved["extra"]
-    result.history = extra["history"]
-    result.best_epoch = extra["best_epoch"]
-    result.best_val_score = extra.get("best_val_score", extra.get("best_val_accuracy"))  # (older checkpoints)
-    result.best_val_loss = extra.get("best_val_loss", float("nan"))
-    result.train_seconds = extra["train_seconds"]
-    start_epoch = cfg.epochs + 1 if extra.get("stopped") else saved["epoch"] + 1  # stopped early: nothing left
-    if not _best_path(state_dir).exists():  # written before every checkpoint: without it the best epoch is lost
-        raise UserError(f"{desc}: the checkpoint in {state_dir} has lost its best-on-validation weights "
-                        f"{_best_path(state_dir)}: put that file back, or start afresh without --resume")
-    log.info("%s: resumed after epoch %d", desc, saved["epoch"])
-    return start_epoch, saved["step"], extra["bad_epochs"], load_model_file(_best_path(state_dir))[0]
-
-
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the model's weights as full tensors. Under FSDP the shards are gathered: a collective that
     every process runs, and every process gets the whole state."""
@@ -451,57 +466,26 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in state.items()}
 
 
-def _row_share(y: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """num_processes x (this process's rows / all processes' rows) for this step: 1 when the rows are shared evenly."""
-    rows = torch.tensor(float(y.numel()), device=y.device)
-    return rows * accelerator.num_processes / accelerator.reduce(rows.clone(), reduction="sum").clamp_min(1.0)
-
-
-def _average_gradients(params, accelerator: Accelerator) -> None:
-    """DDP averages the student's gradients across processes during backward; a method's own trainable parts
-    (hint regressors, peer students) are called outside the DDP wrapper, so average theirs here."""
-    for p in params:
-        if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
-def _is_cached(teacher) -> bool:
-    return callable(getattr(teacher, "feed", None))  # distill.signals.cache.CachedTeacher
-
-
-def _feed_teacher(teacher, batch, x) -> None:
-    """Batches are (x, y) or, from a CachedDataset, (x, y, teacher_logits, extras): hand those outputs to the
-    cached teacher before the method asks it about x."""
-    if len(batch) == 4 and _is_cached(teacher):
-        teacher.feed(batch[2], inputs=x, **batch[3])
-    elif _is_cached(teacher):
-        raise UserError("the method's teacher is a CachedTeacher but the training batches carry no teacher logits: "
-                        "train on CachedDataset(data, cache)")
-    elif len(batch) == 4 and teacher is not None:
-        raise UserError("the training batches carry cached teacher logits but the method's teacher is live: "
-                        "build the method with CachedTeacher() or train on the plain dataset")
-
-
 def _best_path(state_dir) -> Path:
     # beside the state folder, not inside it: save_training_state replaces that folder whole
     return Path(state_dir).parent / f"{Path(state_dir).name}.best.safetensors"
 
 
-def _save_state(state_dir, model, optimizer, scheduler, step, epoch, result, bad_epochs, best_state, improved, stopped,
+def _save_state(state_dir, model, optimizer, scheduler, pos: _Position, result: FitResult, best_state, improved: bool,
                 gathered):
     if improved and best_state is not None:
-        # best weights first: a kill between the two writes leaves the older state, and replaying that
-        # epoch (deterministic) writes the same best weights again
+        # best weights first: a kill between the two writes leaves the older state, and replaying those steps
+        # (deterministic) writes the same best weights again
         Path(state_dir).parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(_best_path(state_dir), best_state, None, "best weights")  # tied weights: one copy per name
     extra = {
         "history": result.history,
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
         "best_val_score": result.best_val_score,
         "best_val_loss": result.best_val_loss,
         "train_seconds": result.train_seconds,
-        "bad_epochs": bad_epochs,
-        "stopped": stopped,
+        **pos.saved(),
     }
-    save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch,
-                        extra=extra, gathered=gathered)
+    save_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=pos.step,
+                        epoch=pos.epochs_done, extra=extra, gathered=gathered)

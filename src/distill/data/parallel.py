@@ -167,6 +167,10 @@ class TokenizedPairs(torch.utils.data.Dataset):
                   "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
         return inputs, torch.as_tensor([token for t in tgt for token in t], dtype=torch.long)
 
+    def lengths(self) -> np.ndarray:
+        """Source plus target tokens per example (batches of similar length pad less: distill.batching)."""
+        return np.array([len(s) + len(t) for s, t in zip(self.sources, self.targets)], dtype=np.int64)
+
     def row_counts(self) -> np.ndarray:
         """Label rows per example: its target tokens (what a teacher cache stores per example)."""
         return np.array([len(t) for t in self.targets], dtype=np.int64)

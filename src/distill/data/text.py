@@ -56,6 +56,10 @@ class TokenizedText(torch.utils.data.Dataset):
         inputs["word_mask"] = word_mask
         return inputs, torch.cat([self.tags[i] for i in indices])
 
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (batches of similar length pad less: distill.batching)."""
+        return np.array([len(r) for r in self.ids], dtype=np.int64)
+
     def row_counts(self) -> np.ndarray:
         """Label rows per example: 1 per sentence, or its counted words (what a cache stores per example)."""
         if self.token_level:

@@ -4,7 +4,8 @@ A method never owns the training loop. The trainer
   1. calls `setup(student, example)` once, before it builds the optimizer: methods with trainable parts
      of their own (regressors, peer students) create them in `self.modules` here;
   2. calls `start_epoch(epoch)` at the start of every epoch (1-based), for schedules such as warm-ups;
-  3. calls `method(student, x, y)` for every batch and minimises the returned loss over the student's
+  3. calls `sample_batch(student, batch)` (identity unless on-policy) and then `method(student, x, y)` for every
+     batch and minimises the returned loss over the student's
      parameters and `method.parameters()`. `self.modules` is saved in resumable checkpoints.
 Adding a method = one file in this package with a `@register`ed subclass; it is found automatically.
 """
@@ -36,6 +37,11 @@ class Method(ABC):
         self.epoch = 1
 
     @classmethod
+    def reads_network(cls, config: MethodConfig) -> bool:
+        """Whether this config needs the teacher network itself, not only its outputs (a logit cache cannot serve it)."""
+        return cls.reads_teacher_network
+
+    @classmethod
     def check(cls, config: MethodConfig, teacher: nn.Module, student: nn.Module) -> None:
         """Refuse (UserError) a config that cannot work with these networks, before anything is trained."""
 
@@ -48,6 +54,11 @@ class Method(ABC):
     @abstractmethod
     def __call__(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return (loss to minimise, named detached parts for logging)."""
+
+    def sample_batch(self, student: nn.Module, batch: tuple) -> tuple:
+        """The batch the step trains on; on-policy methods replace its sequences by the student's own samples
+        (before the step's rows are counted, so the loss is normalised by the tokens actually generated)."""
+        return batch
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.modules.parameters())

@@ -222,6 +222,11 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def lengths(self):
+        """The wrapped dataset's `lengths` (text: batches grouped by length as without the cache), or None."""
+        return getattr(self.dataset, "lengths", None)
+
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices and bounds as for a list
         if not self.tensors:

@@ -42,6 +42,10 @@ def build_marian(config: Seq2SeqConfig, vocab_size: int, pad_id: int, eos_id: in
         encoder_ffn_dim=config.ffn_dim, decoder_ffn_dim=config.ffn_dim, dropout=config.dropout,
         max_position_embeddings=config.max_positions, pad_token_id=pad_id, eos_token_id=eos_id,
         decoder_start_token_id=pad_id, forced_eos_token_id=eos_id, share_encoder_decoder_embeddings=True,
+        # embeddings x sqrt(d_model), as Marian's own models: at the default init (std 0.02) the sinusoidal positions
+        # (amplitude 1) drown the tokens. On 6k en-es pairs (3+3, d 256, 300 steps) the loss fell to 5.46 with the
+        # scaling and stayed at 6.6 without it.
+        scale_embedding=True,
     )
     return Seq2SeqModel(MarianMTModel(hf_config))
 

@@ -1,0 +1,162 @@
+"""Steps rather than epochs: gradient accumulation normalised by the step's rows, max_steps, validation and saves
+every N steps, and a run killed in the middle of an epoch that continues at the exact batch."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill.methods.supervised import Supervised, SupervisedConfig
+from distill.recipe import TrainConfig
+from distill.train import fit
+
+VOCAB, CLASSES = 50, 7
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Sentences of 1..12 tokens, one label per token: examples own different numbers of rows (like a tagger's
+    words or a translation's target tokens), padded per batch."""
+
+    def __init__(self, n: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.ids = [rng.integers(1, VOCAB, size=rng.integers(1, 13)).tolist() for _ in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitems__(self, indices):
+        rows = [self.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        y = torch.tensor([(t * 3 + 1) % CLASSES for r in rows for t in r])  # a learnable rule per token
+        return {"ids": ids, "mask": ids != 0}, y
+
+    def lengths(self):
+        return np.array([len(r) for r in self.ids])
+
+
+class Tagger(nn.Module):
+    """Logits [N, C] of the real (unpadded) tokens in row-major order: the seam every token task follows."""
+
+    def __init__(self, seed=0, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.mix, self.out = nn.Embedding(VOCAB, 16), nn.Linear(16, 16), nn.Linear(16, CLASSES)
+        self.to(dtype)
+
+    def forward(self, x):
+        h, m = self.emb(x["ids"]), x["mask"].unsqueeze(-1).to(self.out.weight.dtype)
+        context = (h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)  # padding-free: as real models are
+        h = h + self.mix(context)  # the loss of a token depends on its sentence
+        return self.out(torch.tanh(h))[x["mask"]]
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_four_batches_of_8_equal_one_batch_of_32_in_float64(group_by_length):
+    """The issue's check: loss and gradients of 4 accumulated micro-batches of 8 equal those of one batch of 32
+    (1e-12 in float64), however the tokens are spread among the micro-batches."""
+    data = TokenRows(32)
+    one = Tagger(dtype=torch.float64)
+    four = Tagger(dtype=torch.float64)
+    cfg = dict(epochs=1, optimizer="sgd", momentum=0.0, lr=0.5, schedule="constant", group_by_length=group_by_length)
+    r1 = fit(one, Supervised(SupervisedConfig()), data, None, TrainConfig(batch_size=32, **cfg), progress=False)
+    r4 = fit(four, Supervised(SupervisedConfig()), data, None, TrainConfig(batch_size=8, grad_accum=4, **cfg), progress=False)
+    assert r1.history[0]["train_loss"] == pytest.approx(r4.history[0]["train_loss"], rel=1e-12, abs=0)
+    for a, b in zip(_weights(one), _weights(four)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), (a - b).abs().max()
+    moved = max((a - b).abs().max() for a, b in zip(_weights(one), _weights(Tagger(dtype=torch.float64))))
+    assert moved > 1e-3  # the step did something: the equality is not of two untouched models
+
+
+def test_an_unweighted_mean_of_micro_batch_means_would_differ():
+    """The counter-check: the rows of micro-batches differ enough that averaging per-batch means is not the same
+    (so the test above can fail)."""
+    data = TokenRows(32)
+    batches = [data.__getitems__(list(range(i, i + 8))) for i in range(0, 32, 8)]
+    model = Tagger(dtype=torch.float64)
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(model(x), y) for x, y in batches]
+    counts = [len(y) for _, y in batches]
+    weighted = sum(c * l for c, l in zip(counts, losses)) / sum(counts)
+    assert abs(float(sum(losses) / 4 - weighted)) > 1e-4
+
+
+def test_max_steps_and_eval_every_give_rows_per_steps_and_end_the_schedule():
+    data, val = TokenRows(200), TokenRows(40, seed=1)
+    cfg = TrainConfig(batch_size=16, grad_accum=2, max_steps=20, eval_every=6, schedule="linear", warmup_steps=4, lr=0.05)
+    r = fit(Tagger(), Supervised(SupervisedConfig()), data, val, cfg, progress=False)
+    assert [h["step"] for h in r.history] == [6, 12, 18, 20]  # 7 steps an epoch: rows across epochs, and the last
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 3]
+    assert r.history[-1]["lr"] == 0.0  # linear decay reaches zero at max_steps
+    assert r.history[-1]["val_loss"] < r.history[0]["val_loss"]
+    assert r.best_step in (6, 12, 18, 20)
+
+
+class _KillAt(Supervised):
+    def __init__(self, at_call):
+        super().__init__(SupervisedConfig())
+        self.at_call, self.calls = at_call, 0
+
+    def __call__(self, student, x, y):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KeyboardInterrupt
+        return super().__call__(student, x, y)
+
+
+@pytest.mark.parametrize("kill_at_batch", [9, 16, 27])
+def test_a_run_killed_mid_epoch_continues_at_the_exact_batch(tmp_path, kill_at_batch):
+    """13 batches an epoch, 2 per step, a state every 3 steps, validation every 4: killed in the middle of an
+    epoch (and of a history row), resumed to the same weights and history as the uninterrupted run."""
+    data, val = TokenRows(200), TokenRows(40, seed=1)
+    cfg = TrainConfig(batch_size=16, grad_accum=2, max_steps=17, eval_every=4, save_every=3, lr=0.05,
+                      group_by_length=True)
+    straight = Tagger()
+    s = fit(straight, Supervised(SupervisedConfig()), data, val, cfg, seed=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(Tagger(), _KillAt(kill_at_batch), data, val, cfg, seed=2, state_dir=tmp_path / "st", progress=False)
+    resumed = Tagger(seed=7)
+    torch.manual_seed(999)
+    r = fit(resumed, Supervised(SupervisedConfig()), data, val, cfg, seed=2, state_dir=tmp_path / "st", resume=True,
+            progress=False)
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(r.history) == strip(s.history)
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_a_teacher_giving_nan_stops_training_at_that_step():
+    from distill.errors import UserError
+    from distill.methods.kd import KD, KDConfig
+    from distill.signals import LiveTeacher
+
+    class Broken(Tagger):
+        def forward(self, x):
+            out = super().forward(x)
+            return out if self.calls_left > 0 else out * float("nan")
+
+    teacher = Broken(seed=1)
+    teacher.calls_left = 0
+    with pytest.raises(UserError, match=r"train: step 1 \(epoch 1, batch 1\): the teacher's logits hold NaN or inf"):
+        fit(Tagger(), KD(KDConfig(), LiveTeacher(teacher)), TokenRows(64), None, TrainConfig(batch_size=16, epochs=1),
+            progress=False)
+
+
+def test_a_diverging_loss_names_its_step():
+    from distill.errors import UserError
+
+    class Diverging(Supervised):  # the loss overflows at the 6th batch
+        calls = 0
+
+        def __call__(self, student, x, y):
+            self.calls += 1
+            loss, parts = super().__call__(student, x, y)
+            return (loss * float("inf") if self.calls == 6 else loss), parts
+
+    cfg = TrainConfig(batch_size=16, epochs=3, lr=0.01)  # 4 batches an epoch: the 6th is epoch 2's second
+    with pytest.raises(UserError, match=r"the training loss became inf at step 6 \(epoch 2\); lower train.lr"):
+        fit(Tagger(), Diverging(SupervisedConfig()), TokenRows(64), None, cfg, progress=False)
