@@ -86,6 +86,26 @@ def test_greedy_generation_is_the_argmax_of_the_models_own_logits_whatever_the_p
                           max_new_tokens=5)[0].tolist() == first[: first.index(first[2]) + 1]
 
 
+def test_on_policy_batches_count_exactly_the_tokens_the_student_samples_after_each_prompt(tok):
+    from distill.data.text import pad_rows
+
+    model = tiny("llama", tok, seed=2)
+    rows, inputs, _ = batch(tok)  # a prompt/completion row and a plain-text row (whose prompt is its start token)
+    torch.manual_seed(0)
+    sampled, y = model.sample_completions(inputs, max_new_tokens=6, temperature=1.0)
+    prompts = [rows.prompt(0), rows.prompt(1)]
+    ids, mask = pad_rows(prompts, tok.pad_token_id)
+    torch.manual_seed(0)
+    own = [n.tolist() for n in model.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=6, do_sample=True)]
+    for b, (p, new) in enumerate(zip(prompts, own)):
+        n = int(sampled["attention_mask"][b].sum())
+        assert sampled["input_ids"][b, :n].tolist() == p + new and 1 <= len(new) <= 6
+        assert sampled["target_mask"][b].nonzero().flatten().tolist() == list(range(len(p) - 1, n - 1))
+    assert y.tolist() == own[0] + own[1]
+    with torch.no_grad():
+        assert model(sampled).shape == (len(y), len(tok))
+
+
 # ----------------------------------------------------------------------------- the task
 @pytest.fixture(scope="module")
 def task_and_data(tmp_path_factory):
@@ -188,6 +208,16 @@ def test_a_saved_student_is_a_transformers_model_and_distill_eval_reads_it(run, 
     results = json.loads((run / "results.json").read_text())
     assert card["perplexity"] == pytest.approx(results["models"]["student"]["perplexity"])
     assert "teacher_nll" not in card  # no teacher to judge the samples outside a run
+
+
+def test_the_divergence_method_trains_on_policy_on_the_students_own_samples(run, tmp_path):
+    raw = lm_recipe(tmp_path, name="gkd", distill={"method": "divergence", "divergence": "jsd", "on_policy": 1.0,
+                                                   "max_new_tokens": 8})
+    raw["student"]["train"]["epochs"] = 1
+    raw["data"]["path"] = str(run.parent.parent / "docs.txt")  # the teacher's data
+    assert main(["distill", write_recipe(tmp_path, raw), "--teacher", str(run / "teacher"), "--quiet", "--no-scratch"]) == 0
+    results = json.loads((tmp_path / "runs" / "gkd" / "results.json").read_text())
+    assert results["models"]["student"]["perplexity"] > 0 and results["config"]["distill"]["on_policy"] == 1.0
 
 
 def test_a_teacher_with_padded_embedding_rows_distils_over_the_shared_vocabulary(tmp_path, capsys):

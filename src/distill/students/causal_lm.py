@@ -133,6 +133,26 @@ class CausalLM(nn.Module):
         return [_through_eos(row, self.eos_id) for row in out[:, longest:]]  # (finished rows were filled with </s>)
 
 
+    def sample_completions(self, inputs: dict[str, torch.Tensor], *, max_new_tokens: int,
+                           temperature: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """GKD's on-policy batch: each row's prompt (its tokens before the first counted one; for plain text the
+        start token alone) continued by this model's own samples (at most max_new_tokens, within its positions,
+        through </s>), as (inputs, y) whose counted positions are exactly the generated tokens."""
+        from distill.data.lm_text import TokenizedLM
+
+        first = inputs["target_mask"].int().argmax(1)  # the position that predicts each row's first counted token
+        prompts = [row[: int(f) + 1].tolist() for row, f in zip(inputs["input_ids"], first)]
+        room = (self.max_positions or 1 << 30) - max(map(len, prompts))
+        prompt_batch = {"input_ids": inputs["input_ids"], "attention_mask": torch.zeros_like(inputs["attention_mask"])}
+        for b, p in enumerate(prompts):
+            prompt_batch["attention_mask"][b, : len(p)] = 1
+        new = self.generate(prompt_batch, max_new_tokens=min(max_new_tokens, room), do_sample=True, temperature=temperature)
+        rows = TokenizedLM([p + n.tolist() for p, n in zip(prompts, new)], [len(p) for p in prompts], self.pad_id)
+        sampled, y = rows.__getitems__(list(range(len(rows))))
+        device = inputs["input_ids"].device
+        return {k: v.to(device) for k, v in sampled.items()}, y.to(device)
+
+
 def _through_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     ends = (tokens == eos_id).nonzero()
     return tokens[: int(ends[0]) + 1] if len(ends) else tokens
