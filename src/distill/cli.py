@@ -133,9 +133,18 @@ def cmd_generate(args):
 
 
 def cmd_bench(args):
+    from distill.data import LM_DATASETS
     from distill.speed import bench, format_bench, rounds_note
 
-    result = bench(_recipe(args), teacher_path=args.teacher, epochs=args.epochs, rounds=args.rounds,
+    recipe = _recipe(args)
+    if recipe.data.dataset in LM_DATASETS:  # causal LM: time per optimiser step, on-policy included
+        from distill.speed_lm import bench_lm, format_lm_bench
+
+        result = bench_lm(recipe, steps=args.steps, rounds=args.rounds, threads=args.threads, top_k=args.top_k or 32,
+                          rows=args.rows, progress=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(result, indent=1) if args.json else format_lm_bench(result))
+        return
+    result = bench(recipe, teacher_path=args.teacher, epochs=args.epochs, rounds=args.rounds,
                    threads=args.threads, top_k=args.top_k, progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     if args.json and rounds_note(args.rounds):  # the JSON stays machine-readable; the caution goes to stderr
@@ -245,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=2, help="rounds of all variants, taking turns")
     b.add_argument("--threads", type=int, help="torch threads per variant (default: torch's default)")
     b.add_argument("--top-k", type=int, help="cache only the top k logits (default: full float32 logits)")
+    b.add_argument("--steps", type=int, default=20, help="causal LM: timed optimiser steps per variant and round")
+    b.add_argument("--rows", type=int, help="causal LM: use only this many training sequences")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=cmd_bench)
     m = sub.add_parser("methods", help="list distillation methods and their parameters")

@@ -140,17 +140,18 @@ def run_variant(variant: str, recipe_raw: dict, teacher_path: str | None, cache_
     return {"epoch_seconds": [row["seconds"] for row in result.history], "start_mb": start, "peak_mb": _peak_memory_mb()}
 
 
-def _child(queue, *args):
+def _child(queue, run, *args):
     try:
-        queue.put(run_variant(*args))
+        queue.put(run(*args))
     except BaseException as e:  # report, do not hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def _in_fresh_process(*args) -> dict:
+def _in_fresh_process(*args, run=run_variant) -> dict:
+    """run(*args) in a spawned process (fresh allocator and caches); its result, or a UserError on failure."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc = ctx.Process(target=_child, args=(queue, run, *args))
     proc.start()
     out = None
     while out is None:  # a child killed by the OOM killer or a signal never reports: do not wait for it forever
