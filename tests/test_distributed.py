@@ -198,6 +198,24 @@ def test_translation_run_on_two_processes_equals_one(tmp_path, accumulate):
     _same_weights_on_one_and_two_processes(tmp_path, raw, two)
 
 
+def test_language_model_run_on_two_processes_equals_one(tmp_path):
+    """A causal-LM run (GPT-2 teacher, Llama student, both from configs; JSD per token, chunked) under torchrun,
+    each process accumulating 2 batches of 4 sequences per step, gives the one-process weights of steps of 16:
+    the step's mean is over all its completion tokens, however they fall among processes and batches."""
+    from lm_fixtures import lm_recipe
+
+    raw = lm_recipe(tmp_path, distill={"method": "divergence", "divergence": "jsd", "beta": 0.5, "chunk_size": 16,
+                                       "hard_weight": 0.5, "soft_weight": 0.5})
+    raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 2, 2
+    for role in ("teacher", "student"):  # SGD: Adam turns float rounding in near-zero gradients into lr-sized steps
+        raw[role]["train"].update(optimizer="sgd", lr=0.1)
+    two = copy.deepcopy(raw)
+    for role in ("teacher", "student"):
+        assert raw[role]["train"]["batch_size"] == 16
+        two[role]["train"].update(batch_size=8, grad_accum=2)
+    _same_weights_on_one_and_two_processes(tmp_path, raw, two)
+
+
 def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None = None) -> None:
     """Run the recipe `raw` in one process (name "one") and under torchrun on two ("two", the recipe `two` when
     given); the saved teacher and student folders must hold the same weights."""
