@@ -160,3 +160,47 @@ def test_a_diverging_loss_names_its_step():
     cfg = TrainConfig(batch_size=16, epochs=3, lr=0.01)  # 4 batches an epoch: the 6th is epoch 2's second
     with pytest.raises(UserError, match=r"the training loss became inf at step 6 \(epoch 2\); lower train.lr"):
         fit(Tagger(), Diverging(SupervisedConfig()), TokenRows(64), None, cfg, progress=False)
+
+
+def test_a_language_model_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """The issue's LLM case: a causal LM distilled with the divergence method (reverse KL, dropout on: the RNG
+    state matters), steps of 2 batches, a state every 3 steps, killed in the middle of an epoch."""
+    from distill.methods.divergence import Divergence, DivergenceConfig
+    from distill.signals import LiveTeacher
+    from distill.tasks import make_task
+    from lm_fixtures import lm_recipe
+    from distill.recipe import validate_recipe
+
+    raw = lm_recipe(tmp_path)
+    raw["student"]["model"]["dropout"] = 0.1
+    recipe = validate_recipe(raw)
+    task = make_task(recipe, None)
+    data = task.load_data()
+    teacher = task.build_model(recipe.teacher.model, data).eval()
+    method = lambda: Divergence(DivergenceConfig(divergence="reverse_kl"), LiveTeacher(teacher))  # noqa: E731
+
+    def student():
+        torch.manual_seed(0)
+        return task.build_model(recipe.student.model, data, teacher)
+
+    cfg = TrainConfig(batch_size=8, grad_accum=2, max_steps=20, eval_every=5, save_every=3, lr=0.01)
+    straight = student()
+    fit(straight, method(), data.train, data.val, cfg, seed=1, progress=False, task=task)
+
+    class Killed(Divergence):
+        calls = 0
+
+        def __call__(self, s, x, y):
+            Killed.calls += 1
+            if Killed.calls == 23:  # in step 12, of an epoch of 8 steps
+                raise KeyboardInterrupt
+            return super().__call__(s, x, y)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(student(), Killed(DivergenceConfig(divergence="reverse_kl"), LiveTeacher(teacher)), data.train, data.val,
+            cfg, seed=1, state_dir=tmp_path / "st", progress=False, task=task)
+    resumed = student()
+    fit(resumed, method(), data.train, data.val, cfg, seed=1, state_dir=tmp_path / "st", resume=True, progress=False,
+        task=task)
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        assert torch.equal(a, b)

@@ -283,7 +283,7 @@ class _Training:
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)  # the order of epoch e depends only on (seed, e)
         self._train_mode()
         self.method.start_epoch(epoch)
-        loader = self.accelerator.skip_first_batches(self.loader, pos.batch) if pos.batch else self.loader
+        loader = _resumed(self.accelerator.skip_first_batches(self.loader, pos.batch)) if pos.batch else self.loader
         for batches in batch_groups(loader, cfg.grad_accum):
             t0 = time.perf_counter()
             try:
@@ -364,6 +364,18 @@ class _Training:
         self.bar.update(self.pos.step)
         log.info("%s: resumed after step %d (epoch %d, batch %d)", self.desc, self.pos.step, self.pos.epochs_done + 1,
                  self.pos.batch)
+
+
+def _resumed(loader):
+    """The batches of an epoch resumed in its middle. A DataLoader draws its iterator's base seed from the global
+    RNG when the first batch is fetched; the uninterrupted run drew it at the start of the epoch, before the saved
+    RNG state, so here that fetch must leave the RNG as restored (or every dropout mask after it would shift)."""
+    batches = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches, None)
+    if first is not None:
+        yield first
+        yield from batches
 
 
 def _when(row: dict) -> str:
