@@ -303,7 +303,7 @@ def test_the_imdb_lm_recipe_distils_a_4_layer_teacher_into_a_2_layer_student_on_
     r = load_recipe(builtin_recipe_path("imdb-lm"))
     assert r.data.dataset == "imdb-lm" and r.data.pack and r.data.test_rows is None  # the sentiment task's test reviews
     assert (r.teacher.model.layers, r.teacher.model.d_model, r.student.model.layers, r.student.model.d_model) == (4, 256, 2, 128)
-    assert r.distill.method == "kd" and r.distill.temperature == 1
+    assert r.distill.method == "divergence" and r.distill.divergence == "forward_kl" and r.distill.temperature == 1
     assert min(r.teacher.model.max_positions, r.student.model.max_positions) >= r.data.max_length
 
 
