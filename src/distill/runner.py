@@ -1,4 +1,5 @@
-"""One experiment from one recipe: teacher, scratch student, distilled student, evaluated and reported.
+"""One experiment from one recipe: teacher, scratch student, distilled students (the student and the recipe's
+variants), evaluated and reported.
 
 Everything a user can get wrong is checked before anything is written. The run is built in
 `<output_dir>/<name>.partial/` and renamed to `<output_dir>/<name>/` only when complete, so a run folder
