@@ -146,6 +146,24 @@ def test_a_variant_that_cannot_train_is_refused_with_one_line_before_anything_is
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_variant_is_the_recipe_with_its_changes_merged_in():
+    """Any task: the same method merges into the recipe's settings, another method replaces them; distill_train
+    merges into the student's training."""
+    from distill.variants import distilled_stages
+
+    recipe = validate_recipe({"distill": {"method": "kd", "temperature": 3, "hard_weight": 0.3, "soft_weight": 0.7},
+                              "student": {"train": {"epochs": 7, "lr": 0.01}},
+                              "variants": {"t1": {"distill": {"temperature": 1}, "student": {"distill_train": {"lr": 0.1}}},
+                                           "dkd": {"distill": {"method": "dkd", "beta": 2}}}})
+    stages = distilled_stages(recipe)
+    assert list(stages) == ["student", "t1", "dkd"] and stages["student"] is recipe
+    t1, dkd = stages["t1"], stages["dkd"]
+    assert (t1.distill.temperature, t1.distill.hard_weight, t1.distill.soft_weight) == (1, 0.3, 0.7)
+    assert (t1.student.distill_train.lr, t1.student.distill_train.epochs) == (0.1, 7) and recipe.student.distill_train is None
+    assert dkd.distill.method == "dkd" and (dkd.distill.beta, dkd.distill.temperature) == (2, 4.0)  # DKD's default T, not 3
+    assert dkd.student.distill_train is None and not dkd.variants
+
+
 def test_variant_names_must_be_free_folder_names():
     for name in ("scratch", "assistant1", "teacher-targets", "a.b"):
         with pytest.raises(UserError, match=f"variants.{name}: a variant's name must be"):

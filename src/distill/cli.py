@@ -163,6 +163,8 @@ RECIPE_TECHNIQUES = (
     ("data.unlabelled_fraction", "unlabelled transfer rows with the teacher's argmax as pseudo-label"),
     ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits, layer features): no teacher in memory"),
     ("teacher.precision", "the teacher's forward pass in fp16/bf16"),
+    ("data.targets", "translation: the teacher's translations as targets (sequence-level KD): a `distill generate` folder, or auto"),
+    ("variants", "more distilled students in one run, each changing distill.*, student.distill_train.* or data.targets"),
 )
 
 
