@@ -2,7 +2,7 @@
 
 import torch
 
-import distill.runner
+import distill.teaching
 from conftest import tiny_recipe, train_student
 from distill.methods.kd import KD, KDConfig
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -21,7 +21,7 @@ def test_each_stage_learns_from_the_one_before_and_is_reported(tmp_path, monkeyp
             super().__init__(model, *args)
             taught.append(sum(p.numel() for p in model.parameters()))
 
-    monkeypatch.setattr(distill.runner, "LiveTeacher", Recording)
+    monkeypatch.setattr(distill.teaching, "LiveTeacher", Recording)
     train = {"epochs": 2, "batch_size": 64, "lr": 0.003}
     raw = tiny_recipe(tmp_path, assistants=[{"model": {"hidden": [64]}, "train": train},
                                             {"model": {"hidden": [32]}, "train": train}])

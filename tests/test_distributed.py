@@ -19,7 +19,8 @@ HERE = Path(__file__).parent
 
 
 def _torchrun(args, tmp_path, ok=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # this checkout's distill, also where the venv's editable install points at another one (a git worktree)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert (done.returncode == 0) == ok, done.stderr[-3000:]
@@ -181,13 +182,15 @@ def test_text_run_on_two_processes_equals_one(tmp_path, task):
 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_translation_run_on_two_processes_equals_one(tmp_path, accumulate):
-    """A whole seq2seq run (teacher from a config, word-level KD into a smaller student) under torchrun gives the
-    single-process weights: sentences own different numbers of target tokens, each process's loss is weighted by its
-    share of the step's tokens. accumulate: the two processes take each step of 32 pairs as 2 accumulated batches
-    of 16 (8 per process), normalised by the tokens of the whole step."""
+    """A whole seq2seq run (teacher from a config, word-level KD into a smaller student; without accumulation also a
+    seq-KD variant on the teacher's translations, which the main process writes and the other reads) under torchrun
+    gives the single-process weights: sentences own different numbers of target tokens, each process's loss is
+    weighted by its share of the step's tokens. accumulate: the two processes take each step of 32 pairs as 2
+    accumulated batches of 16 (8 per process), normalised by the tokens of the whole step."""
     from translation_fixtures import translation_recipe
 
-    raw = translation_recipe(tmp_path)  # 320 training pairs: 10 whole global batches of 32
+    variants = {} if accumulate else {"seq-kd": {"data": {"targets": "auto"}}}
+    raw = translation_recipe(tmp_path, variants=variants)  # 320 training pairs: 10 whole global batches of 32
     raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 3, 2
     two = None
     if accumulate:
@@ -195,7 +198,7 @@ def test_translation_run_on_two_processes_equals_one(tmp_path, accumulate):
         for role in ("teacher", "student"):
             assert two[role]["train"]["batch_size"] == 32
             two[role]["train"].update(batch_size=16, grad_accum=2)
-    _same_weights_on_one_and_two_processes(tmp_path, raw, two)
+    _same_weights_on_one_and_two_processes(tmp_path, raw, two, roles=("teacher", "student", *variants))
 
 
 def test_language_model_run_on_two_processes_equals_one(tmp_path):
@@ -216,9 +219,9 @@ def test_language_model_run_on_two_processes_equals_one(tmp_path):
     _same_weights_on_one_and_two_processes(tmp_path, raw, two)
 
 
-def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None = None) -> None:
+def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None = None, roles=("teacher", "student")) -> None:
     """Run the recipe `raw` in one process (name "one") and under torchrun on two ("two", the recipe `two` when
-    given); the saved teacher and student folders must hold the same weights."""
+    given); the saved folders of `roles` must hold the same weights."""
     for name, launcher in (("one", [sys.executable, "-m", "distill.cli"]), ("two", None)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**(two if name == "two" and two else raw), "name": name}))
@@ -228,7 +231,7 @@ def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None
             assert done.returncode == 0, done.stderr[-3000:]
         else:
             _torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
-    for role in ("teacher", "student"):
+    for role in roles:
         one = safetensors.torch.load_file(tmp_path / "runs" / "one" / role / "model.safetensors")
         two = safetensors.torch.load_file(tmp_path / "runs" / "two" / role / "model.safetensors")
         assert set(one) == set(two)

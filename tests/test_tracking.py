@@ -47,19 +47,20 @@ def test_tensorboard_and_mlflow_get_every_epoch_the_recipe_and_the_final_table_r
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    results, out = run_recipe(_recipe(tmp_path, ["tensorboard", "mlflow"]), progress=False)
+    variants = {"t+1": {"distill": {"temperature": 1}}}  # a variant is tracked like any role ("+" is "_" to trackers)
+    results, out = run_recipe(_recipe(tmp_path, ["tensorboard", "mlflow"], variants=variants), progress=False)
     history = json.loads((out / "history.json").read_text())
     saved = json.loads((out / "results.json").read_text())
     assert not out.with_name("tiny.partial").exists()
 
     # TensorBoard: runs/tiny/tracking/tiny (the run name is the recipe's), moved with the run folder
     scalars, texts = _scalars(out / "tracking" / "tiny")
-    for role in ("teacher", "scratch", "student"):
+    for role, tag in (("teacher", "teacher"), ("scratch", "scratch"), ("student", "student"), ("t+1", "t_1")):
         rows = history[role]
         for key in ("train_loss", "val_accuracy", "val_loss", "lr", "seconds"):
-            assert scalars[f"{role}/{key}"] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], (role, key)
+            assert scalars[f"{tag}/{key}"] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], (role, key)
         for field in ("score", "params", "size_mb_fp32", "latency_ms", "throughput_per_s"):
-            assert scalars[f"final/{role}/{field}"][0][1] == pytest.approx(saved["models"][role][field], rel=1e-6)
+            assert scalars[f"final/{tag}/{field}"][0][1] == pytest.approx(saved["models"][role][field], rel=1e-6)
     assert [v for _, v in scalars["student/train_soft"]] == pytest.approx([r["train_soft"] for r in history["student"]], rel=1e-6)
     teacher, student = saved["models"]["teacher"], saved["models"]["student"]
     assert scalars["final/student/speedup"][0][1] == pytest.approx(teacher["latency_ms"] / student["latency_ms"], rel=1e-5)
@@ -70,6 +71,7 @@ def test_tensorboard_and_mlflow_get_every_epoch_the_recipe_and_the_final_table_r
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert run.data.params["student.train.lr"] == "0.003" and run.data.params["distill.method"] == "kd"
     assert run.data.params["student.model.hidden"] == "[16]" and run.data.params["teacher.checkpoint"] == "null"
+    assert run.data.params["variants.t_1.distill.temperature"] == "1"
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "student/val_accuracy"))
     assert curve == [(r["epoch"], pytest.approx(r["val_accuracy"])) for r in history["student"]]
     assert run.data.metrics["final/scratch/score"] == pytest.approx(saved["models"]["scratch"]["score"])

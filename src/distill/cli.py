@@ -121,14 +121,17 @@ def cmd_generate(args):
     data = task.load_data()
     teacher = task.load_model(teacher_path, data)
     rows = recipe_rows(recipe, data.train)[1]  # the rows the students learn from
+    given = {k: getattr(args, k) for k in ("beam", "k_best", "batch_size", "shard_size") if getattr(args, k) is not None}
+    g = {**recipe.generate.model_dump(), **given}  # the recipe's decoding settings, unless an option says otherwise
+    beam, k_best = g["beam"], g["k_best"]
     try:
-        manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=args.beam,
-                            k_best=args.k_best, batch_size=args.batch_size, shard_size=args.shard_size,
+        manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=beam,
+                            k_best=k_best, batch_size=g["batch_size"], shard_size=g["shard_size"],
                             resume=not args.restart, progress=None if args.quiet else print)
     except KeyboardInterrupt:
         print("distill: interrupted; rerun the same command to continue", file=sys.stderr)
         raise SystemExit(130) from None
-    print(f"{manifest['rows']} sentences, beam {args.beam}, {args.k_best} best each: {args.out} "
+    print(f"{manifest['rows']} sentences, beam {beam}, {k_best} best each: {args.out} "
           f"(train on them with data.targets={args.out})")
 
 
@@ -160,6 +163,8 @@ RECIPE_TECHNIQUES = (
     ("data.unlabelled_fraction", "unlabelled transfer rows with the teacher's argmax as pseudo-label"),
     ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits, layer features): no teacher in memory"),
     ("teacher.precision", "the teacher's forward pass in fp16/bf16"),
+    ("data.targets", "translation: the teacher's translations as targets (sequence-level KD): a `distill generate` folder, or auto"),
+    ("variants", "more distilled students in one run, each changing distill.*, student.distill_train.* or data.targets"),
 )
 
 
@@ -241,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = recipe_parser("generate", "translate the training sources with the teacher's beam search (sequence-level KD data)")
     g.add_argument("--teacher", help="the teacher's folder (default: teacher.checkpoint of the recipe)")
     g.add_argument("--out", required=True, help="folder to write (built as OUT.partial, continued if killed)")
-    g.add_argument("--beam", type=int, default=5, help="beam size (Kim & Rush: 5)")
-    g.add_argument("--k-best", type=int, default=1, help="hypotheses kept per sentence (k > 1 for data.target_choice: closest)")
-    g.add_argument("--batch-size", type=int, default=64, help="sentences per beam search")
-    g.add_argument("--shard-size", type=int, default=1000, help="sentences per shard file (the unit a killed run keeps)")
+    g.add_argument("--beam", type=int, help="beam size (default: the recipe's generate.beam, 5)")
+    g.add_argument("--k-best", type=int, help="hypotheses kept per sentence (k > 1 for data.target_choice: closest; "
+                                              "default: generate.k_best, 1)")
+    g.add_argument("--batch-size", type=int, help="sentences per beam search (default: generate.batch_size, 64)")
+    g.add_argument("--shard-size", type=int, help="sentences per shard file, the unit a killed run keeps "
+                                                  "(default: generate.shard_size, 1000)")
     g.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g.set_defaults(func=cmd_generate)

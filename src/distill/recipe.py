@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from distill.data import DATASETS, LM_DATASETS, TEXT_DATASETS
 from distill.errors import UserError
@@ -49,8 +50,10 @@ class DataConfig(_Strict):
     source_column: str | int = Field("source", description="parallel: the source column (a name, or a 0-based number for a TSV without header)")
     target_column: str | int = Field("target", description="parallel: the target column")
     target_path: str | None = Field(None, description="parallel: the target text file aligned line by line with data.path")
-    targets: str | None = Field(None, description="translation: a `distill generate` folder: the distilled students learn "
-                                                   "the teacher's translations (sequence-level KD); scratch keeps the references")
+    targets: str | None = Field(None, description="translation: a `distill generate` folder, or `auto` (the teacher's beam "
+                                                   "search, settings in `generate`, written in the run after the teacher): "
+                                                   "the distilled students learn the teacher's translations (sequence-level "
+                                                   "KD); scratch keeps the references")
     target_choice: Literal["best", "closest"] = Field("best", description="translation, with targets: the teacher's best "
                                                       "hypothesis, or of its k best the closest to the reference by sentence BLEU")
     vocab_size: int = Field(8000, ge=300, description="translation, language models: subword vocabulary trained on the training text (when the teacher brings no tokenizer; its 256 bytes come first)")
@@ -225,6 +228,21 @@ class ReportConfig(_Strict):
     tracking_dir: str | None = Field(None, description="where local trackers write (default: the run folder's tracking/)")
 
 
+class GenerateConfig(_Strict):
+    """The teacher's decoding of the training sources for sequence-level KD: `distill generate` and data.targets: auto."""
+
+    beam: int = Field(5, ge=1, description="beam size (Kim & Rush: 5)")
+    k_best: int = Field(1, ge=1, description="hypotheses kept per sentence (more than 1 for data.target_choice: closest)")
+    batch_size: int = Field(64, ge=1, description="sentences per beam search")
+    shard_size: int = Field(1000, ge=1, description="sentences per shard file (the unit a killed run keeps)")
+
+    @model_validator(mode="after")
+    def _k_within_beam(self):
+        if self.k_best > self.beam:
+            raise ValueError(f"k_best {self.k_best} must be at most beam {self.beam}: a beam of n keeps n hypotheses")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -239,6 +257,39 @@ class Recipe(_Strict):
     distill: MethodConfigUnion = Field(default_factory=KDConfig)  # type: ignore[valid-type]
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    variants: dict[str, dict[str, Any]] = Field(  # last: its validator reads the fields above
+        default_factory=dict, description="more distilled students in the same run, each from the student's initial "
+                                          "weights: name -> what it changes (distill.*, student.distill_train.*, "
+                                          "data.targets, data.target_choice); see distill.variants")
+
+    @field_validator("generate")
+    @classmethod
+    def _generate_translates(cls, generate, info):
+        data = info.data.get("data")
+        if data is not None and data.dataset not in ("en-es", "parallel") and generate != GenerateConfig():
+            raise ValueError(f"generate applies to translation data (en-es, parallel), not {data.dataset}: remove it")
+        return generate
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_valid(cls, variants, info):
+        """Each variant, merged into this recipe, must be a valid recipe itself (one line naming it otherwise)."""
+        from distill.variants import check_names, variant_raw
+
+        if {"data", "student", "distill"} - set(info.data):
+            return variants  # an earlier field is invalid: its own error comes first
+        try:
+            check_names(variants)
+            for name, partial in variants.items():
+                raw = variant_raw(info.data, name, partial)
+                try:
+                    cls.model_validate(raw)
+                except ValidationError as e:
+                    raise ValueError(f"variants.{name}: {describe_error(e.errors()[0], raw)}") from None
+        except ValueError as e:  # the message as it is, without pydantic's "Value error," (see describe_error)
+            raise PydanticCustomError("variant", "{error}", {"error": str(e)}) from None
+        return variants
 
     @model_validator(mode="before")
     @classmethod
@@ -319,7 +370,7 @@ def check_overrides_apply(raw: dict, overrides: list[str], *, stages=None, teach
                 specialists_train and key.startswith("teacher.train.")):  # (specialists train like the teacher)
             raise UserError(f"override {key} has no effect: the teacher is loaded, not trained (--teacher or "
                             "teacher.checkpoint); remove the override")
-        if stages is not None and "student" not in stages and key.startswith(("distill.", "student.", "assistants")):
+        if stages is not None and "student" not in stages and key.startswith(("distill.", "student.", "assistants", "variants")):
             raise UserError(f"override {key} has no effect: this command trains no student (use `distill run`)")
 
 
@@ -332,6 +383,8 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
 def describe_error(err: dict, raw: dict) -> str:
     """One line for pydantic's first error: the dotted field, what is wrong, and a fix or suggestion."""
+    if err["type"] == "variant":
+        return err["msg"]  # names the variant and its field already
     loc = [str(p) for p in err["loc"]]
     loc = [p for i, p in enumerate(loc) if not _is_union_tag(loc, i, raw)]
     field = ".".join(loc) or "recipe"

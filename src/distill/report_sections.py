@@ -20,6 +20,12 @@ def _fields(d: dict, skip=(), keep_off: bool = True) -> str:
     return ", ".join(f"{k} {value_text(v)}" for k, v in d.items() if k not in skip and (keep_off or not _off(v)))
 
 
+def _flat(d: dict, prefix: str = "") -> str:
+    """{"distill": {"soft_weight": 0}} -> "distill.soft_weight 0"."""
+    return ", ".join(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else f"{prefix}{k} {value_text(v)}"
+                     for k, v in _dict(d).items())
+
+
 def architecture(model: dict, params=None) -> str:
     """"mlp, hidden [64] (5,130 parameters)": the kind, then the settings that are not off."""
     model = _dict(model)
@@ -96,6 +102,13 @@ def _data_line(results: dict, cfg: dict, models: dict) -> str:
         parts.append(f"val_fraction {value_text(data['val_fraction'])}")
     if data.get("unlabelled_fraction"):
         parts.append(f"unlabelled_fraction {value_text(data['unlabelled_fraction'])}")
+    if data.get("targets"):
+        parts.append(f"the distilled student's targets: the teacher's translations ({data['targets']}, {data.get('target_choice')})")
+    variants = [_dict(v) for v in _dict(cfg.get("variants")).values()]
+    if "auto" in [data.get("targets"), *(_dict(v.get("data")).get("targets") for v in variants)]:
+        g = _dict(cfg.get("generate"))
+        parts.append(f"targets auto: the teacher's beam search (beam {value_text(g.get('beam'))}, {value_text(g.get('k_best'))} "
+                     "best kept) over the students' sources, in teacher-targets/")
     return ", ".join(parts)
 
 
@@ -124,6 +137,8 @@ def setup_section(results: dict, models: dict) -> list[str]:
         how = (f"{training(own, card('student').get('epochs'))} (student.distill_train)" if own
                else "the same training as scratch (student.train)")
         lines.append(f"- distilled student: {how}")
+        for name, changes in _dict(cfg.get("variants")).items():
+            lines.append(f"- {name} (a variant of the distilled student, same initial weights): {_flat(changes) or 'no changes'}")
     lines.append(f"- data: {_data_line(results, cfg, models)}")
     extra = f", mixed precision {cfg['mixed_precision']}" if cfg.get("mixed_precision") not in (None, "no") else ""
     split = _dict(cfg.get("data")).get("split_seed")

@@ -1,4 +1,5 @@
-"""One experiment from one recipe: teacher, scratch student, distilled student, evaluated and reported.
+"""One experiment from one recipe: teacher, scratch student, distilled students (the student and the recipe's
+variants), evaluated and reported.
 
 Everything a user can get wrong is checked before anything is written. The run is built in
 `<output_dir>/<name>.partial/` and renamed to `<output_dir>/<name>/` only when complete, so a run folder
@@ -18,7 +19,6 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from distill.cache_fit import check_cache_fits
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
@@ -26,14 +26,16 @@ from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, strict_json, write_report, write_results
 from distill.run_checks import run_warnings
-from distill.signals import CachedDataset, CachedTeacher, LiveTeacher, TeacherEnsemble, open_cache
+from distill.signals import TeacherEnsemble
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
 from distill.students import build_model, model_config_adapter
 from distill.tasks import make_task
 from distill.tasks.classification import model_record
 from distill.transfer import BiasShifted, check_bias_rows, choose_bias, class_shift, errors_on_classes, recipe_rows
 from distill.train import fit, make_accelerator
+from distill.teaching import Teaching
 from distill.tracking import Tracking
+from distill.variants import checked, distilled_stages
 
 log = logging.getLogger("distill")
 ROLES = ("teacher", "scratch", "student")
@@ -60,18 +62,6 @@ def check_task_fits(task, recipe: Recipe) -> None:
             raise UserError(f"{key} is not available for {task.name} yet (it is for images and tables): remove it")
 
 
-def check_auto_cache(recipe: Recipe) -> None:
-    """teacher.cache: auto stores logits only: methods that need the teacher network or its layers are refused."""
-    from distill.cache_fit import check_cache_jitter, teacher_layers
-
-    method = REGISTRY[recipe.distill.method]
-    reads = "its layers" if teacher_layers(recipe.distill) else "the network" if method.reads_network(recipe.distill) else None
-    if reads:
-        raise UserError(f"teacher.cache: auto stores the teacher's logits only, and distill.method={method.name} reads "
-                        f"{reads}: remove teacher.cache")
-    check_cache_jitter(recipe)
-
-
 class Experiment:
     """Holds the validated pieces of a run; `run()` trains, evaluates and writes the report."""
 
@@ -86,27 +76,22 @@ class Experiment:
         if "teacher" not in self.stages and not self.teacher_given and not stored and {"student"} & set(self.stages):
             raise UserError("distilling needs a teacher: pass --teacher PATH (.safetensors, or a text model's folder) "
                             "or set teacher.checkpoint in the recipe")
-        if cache == "auto":
-            check_auto_cache(recipe)
-        elif cache and "teacher" in self.stages and not self.teacher_given:
+        if stored and "teacher" in self.stages and not self.teacher_given:
             raise UserError("teacher.cache holds the outputs of an existing teacher, not of one trained in this run: "
                             "use `distill distill RECIPE teacher.cache=DIR` (add --teacher PATH to report the teacher too)")
+        self.out = Path(recipe.output_dir) / recipe.name
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        # under `accelerate launch` every process trains; only the main one writes the run folder
+        self.main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
         # --- everything a user can get wrong, before anything is written ---
         self.task = make_task(recipe, self.teacher_checkpoint)
-        check_task_fits(self.task, recipe)
+        self.distilled = distilled_stages(recipe)  # the student and the recipe's variants
+        for name, stage in self.distilled.items():
+            checked(name, check_task_fits, self.task, stage)
         self.data = self.task.load_data()
-        t = recipe.transfer
-        bad = [c for c in t.omit_classes if c >= self.data.num_classes]
-        if bad:
-            raise UserError(f"transfer.omit_classes: class {bad[0]} is out of range for {self.data.name}, whose classes are 0..{self.data.num_classes - 1}")
-        if t.omit_classes and (self.data.train.y == -1).any():
-            raise UserError("transfer.omit_classes with unlabelled training rows (data.unlabelled_fraction > 0): their "
-                            "classes are unknown, so omitted classes would stay in the transfer set; set one of the two to 0")
-        if t.omit_classes and t.bias_correction == "auto" and "student" in self.stages:
-            check_bias_rows(self.data.val, t.omit_classes)
+        self._check_transfer()
         self.teacher_rows, self.student_rows = recipe_rows(recipe, self.data.train)
         self.teacher_rows = self.task.supervised_rows(self.teacher_rows)
-        self.distill_rows = self.task.distill_rows(self.student_rows)  # translation: the teacher's generated targets
         set_seed(recipe.seed)
         spec = recipe.teacher.specialists
         if spec and spec.class_sets:
@@ -117,26 +102,33 @@ class Experiment:
         self.teacher = self._build_teacher()
         # the student starts from the teacher as loaded (hf-shrink's layers, embeddings): scratch and student alike
         self.student_init = self.task.build_model(recipe.student.model, self.data, self.teacher)
-        self.cache = None
-        if cache and cache != "auto":  # the teacher network is needed only to check the cache was written by it
-            try:
-                self.cache = open_cache(cache, teacher=self.teacher if self.teacher_given else None, dataset=self.distill_rows)
-            except UserError as e:
-                raise UserError(f"teacher.cache: {e} (`distill cache` with this recipe caches the rows its students learn from)") from None
-            check_cache_fits(self.cache, recipe, self.distill_rows, self.student_init)
-        if not (cache and cache != "auto" and not self.teacher_given):
-            self.task.check_compatible(self.teacher, self.student_init, self.data)
-            REGISTRY[recipe.distill.method].check(recipe.distill, self.teacher, self.student_init)
+        # translation: the teacher's generated targets (data.targets); teacher.cache
+        self.teaching = Teaching(recipe, self.task, self.student_rows, self.partial,
+                                 teacher_checkpoint=self.teacher_checkpoint, main=self.main)
+        live = not (stored and not self.teacher_given)  # else the stored cache stands in for the teacher
+        if "student" in self.stages:
+            if stored:  # the teacher network is needed only to check the cache was written by it
+                self.teaching.open_stored(self.teacher if self.teacher_given else None)
+            if live:
+                self.task.check_compatible(self.teacher, self.student_init, self.data)
+            self.teaching.check(self.distilled, self.teacher, self.student_init, live=live)
         for i, a in enumerate(recipe.assistants, 1):
             try:
                 self.task.check_compatible(self.teacher, self.task.build_model(a.model, self.data, self.teacher), self.data)
             except UserError as e:
                 raise UserError(f"assistants[{i - 1}]: {e}") from None
-        self.out = Path(recipe.output_dir) / recipe.name
-        self.partial = self.out.with_name(self.out.name + ".partial")
         self.tracking = Tracking.for_run(recipe, self.partial, self.out)  # trackers' packages checked here
-        # under `accelerate launch` every process trains; only the main one writes the run folder
-        self.main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+    def _check_transfer(self) -> None:
+        t, data = self.recipe.transfer, self.data
+        bad = [c for c in t.omit_classes if c >= data.num_classes]
+        if bad:
+            raise UserError(f"transfer.omit_classes: class {bad[0]} is out of range for {data.name}, whose classes are 0..{data.num_classes - 1}")
+        if t.omit_classes and (data.train.y == -1).any():
+            raise UserError("transfer.omit_classes with unlabelled training rows (data.unlabelled_fraction > 0): their "
+                            "classes are unknown, so omitted classes would stay in the transfer set; set one of the two to 0")
+        if t.omit_classes and t.bias_correction == "auto" and "student" in self.stages:
+            check_bias_rows(data.val, t.omit_classes)
 
     def _check_same_recipe(self) -> None:
         """Resuming with another recipe would mix stages trained on different settings (even splits): refuse."""
@@ -181,16 +173,16 @@ class Experiment:
             results = self._run(resume)
         except UserError:
             self.tracking.finish()
-            log.removeHandler(handler)
-            handler.close()
             if not resume:
+                handler.close()
                 shutil.rmtree(self.partial, ignore_errors=True)
             raise
         except BaseException:  # killed: the .partial folder stays for --resume; the trackers are closed
             self.tracking.finish(quiet=True)
             raise
-        log.removeHandler(handler)
-        handler.close()
+        finally:  # a killed run's log must not go on collecting later runs' lines (API, tests)
+            log.removeHandler(handler)
+            handler.close()
         self._publish()
         self.tracking.log_artifacts(self.out)  # MLflow copies them: from their published place
         return results
@@ -202,67 +194,80 @@ class Experiment:
         log.info("recipe %s on %s: %d train / %d val / %d test rows", r.name, self.data.name, len(self.data.train), len(self.data.val), len(self.data.test))
         accelerator = make_accelerator(r.mixed_precision, **self.tracking.accelerator_options())
         self.tracking.start(accelerator, resume)
-        models, histories, seconds, epochs = {}, {}, {}, {}
-
-        if self.teacher_given or ("teacher" not in self.stages and self.cache is None):
-            models["teacher"] = self.teacher
-        elif "teacher" in self.stages:
-            models["teacher"], histories["teacher"], seconds["teacher"], epochs["teacher"] = self._train_role(
-                "teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
-        teacher = models["teacher"].to(accelerator.device) if "teacher" in models else None
-        if r.teacher.specialists and {"student"} & set(self.stages):
-            teacher = models["teacher+specialists"] = self._with_specialists(teacher, accelerator, resume)
-            seconds["teacher+specialists"] = None
-        first = True  # the first distilled stage learns from the cache when there is one
-        if r.teacher.cache == "auto" and "student" in self.stages:
-            self.cache = self._auto_cache(teacher, accelerator)
-        if "student" in self.stages:
-            # teacher-assistant chain: each assistant learns from the one before; the student from the last
-            for i, a in enumerate(r.assistants, 1):
-                role = f"assistant{i}"
-                set_seed(r.seed + i)
-                # from the trained teacher (hf-shrink layers, embeddings): the same in a fresh and a resumed run
-                model = self.task.build_model(a.model, self.data, models.get("teacher", self.teacher))
-                signal, rows = self._signal(teacher, first)
-                models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                    role, model, a, build_method(r.distill, signal), accelerator, resume, data=rows)
-                teacher, first = models[role].to(accelerator.device), False
-        for role in ("scratch", "student"):
-            if role not in self.stages:
-                continue
-            model = copy.deepcopy(self.student_init)  # both start from the same initial weights: only the teacher differs
-            method, rows = Supervised(SupervisedConfig()), self.task.supervised_rows(self.student_rows)
-            if role == "student":
-                signal, rows = self._signal(teacher, first)
-                method = build_method(r.distill, signal)
-            train = r.student.train if role == "scratch" else r.student.distill_train or r.student.train
-            models[role], histories[role], seconds[role], epochs[role] = self._train_role(
-                role, model, r.student, method, accelerator, resume, train=train, data=rows)
-        if r.transfer.omit_classes and r.transfer.bias_correction is not None and "student" in models:
-            models["student+bias"] = self._bias_corrected(models["student"])
-            seconds["student+bias"], epochs["student+bias"] = seconds["student"], epochs["student"]
-
+        self.models, self.histories, self.seconds, self.epochs = {}, {}, {}, {}
+        teacher = self._teacher_stage(accelerator, resume)
+        self._students(teacher, accelerator, resume)
+        if r.transfer.omit_classes and r.transfer.bias_correction is not None and "student" in self.models:
+            self.models["student+bias"] = self._bias_corrected(self.models["student"])
+            self.seconds["student+bias"], self.epochs["student+bias"] = self.seconds["student"], self.epochs["student"]
         if not self.main:
             return {}  # the main process evaluates, measures and writes
-        task = self.task
-        task.judge = models["teacher"].cpu().eval() if "teacher" in models else None  # scores the models' samples
+        return self._results()
+
+    def _stage(self, role, model, role_cfg, method, accelerator, resume, train=None, data=None) -> torch.nn.Module:
+        """Train (or, resuming, load) one role and record its history, seconds and epochs."""
+        self.models[role], self.histories[role], self.seconds[role], self.epochs[role] = self._train_role(
+            role, model, role_cfg, method, accelerator, resume, train=train, data=data)
+        return self.models[role]
+
+    def _teacher_stage(self, accelerator, resume: bool):
+        """The teacher (trained here or loaded), with its specialists; None when a stored cache stands in for it."""
+        r = self.recipe
+        if self.teacher_given or ("teacher" not in self.stages and self.teaching.cache is None):
+            self.models["teacher"] = self.teacher
+        elif "teacher" in self.stages:
+            self._stage("teacher", self.teacher, r.teacher, Supervised(SupervisedConfig()), accelerator, resume, data=self.teacher_rows)
+        teacher = self.models["teacher"].to(accelerator.device) if "teacher" in self.models else None
+        if r.teacher.specialists and "student" in self.stages:
+            teacher = self.models["teacher+specialists"] = self._with_specialists(teacher, accelerator, resume)
+            self.seconds["teacher+specialists"] = None
+        return teacher
+
+    def _students(self, teacher, accelerator, resume: bool) -> None:
+        """Assistants, scratch, then every distilled stage (the student and its variants) from the same initial
+        weights as scratch: only the teaching differs. Assistants form a chain: each learns from the one before,
+        the students from the last."""
+        r = self.recipe
+        if "student" in self.stages:
+            self.teaching.prepare(teacher, accelerator, self.distilled, self.student_init)  # targets / cache: auto
+            for i, a in enumerate(r.assistants, 1):
+                set_seed(r.seed + i)
+                # from the trained teacher (hf-shrink layers, embeddings): the same in a fresh and a resumed run
+                model = self.task.build_model(a.model, self.data, self.models.get("teacher", self.teacher))
+                signal, rows = self.teaching.signal(teacher, r, from_teacher=i == 1)
+                teacher = self._stage(f"assistant{i}", model, a, build_method(r.distill, signal), accelerator, resume, data=rows)
+                teacher = teacher.to(accelerator.device)
+        if "scratch" in self.stages:
+            self._stage("scratch", copy.deepcopy(self.student_init), r.student, Supervised(SupervisedConfig()), accelerator,
+                        resume, train=r.student.train, data=self.task.supervised_rows(self.student_rows))
+        if "student" not in self.stages:
+            return
+        for role, stage in self.distilled.items():
+            signal, rows = self.teaching.signal(teacher, stage, from_teacher=not r.assistants)
+            self._stage(role, copy.deepcopy(self.student_init), r.student, build_method(stage.distill, signal), accelerator,
+                        resume, train=stage.student.distill_train or stage.student.train, data=rows)
+
+    def _results(self) -> dict:
+        """Every model evaluated on the test split and measured; results.json, history.json and report.md written."""
+        r, task = self.recipe, self.task
+        task.judge = self.models["teacher"].cpu().eval() if "teacher" in self.models else None  # scores the models' samples
         results = {"recipe": r.name, "task": task.name, "dataset": self.data.name, "models": {}}
         example = lambda n: task.latency_inputs(self.data, n)  # noqa: E731
-        for role, model in models.items():
+        for role, model in self.models.items():
             model = model.cpu().eval()
             scores = dict(task.test_scores(model, self.data))
             score, test_size = scores.pop("score"), scores.pop("n")
             card = model_card(task.timed(model), example, latency_batch=r.report.latency_batch, throughput_batch=r.report.throughput_batch, repeats=r.report.repeats)
             results["models"][role] = {
                 "metric": task.metric, "score": score, **scores, "test_size": test_size, **card,
-                "train_seconds": seconds.get(role), "epochs": epochs.get(role),
+                "train_seconds": self.seconds.get(role), "epochs": self.epochs.get(role),
             }
             if r.transfer.omit_classes:
                 results["models"][role]["omitted_class_errors"] = errors_on_classes(model, self.data.test, r.transfer.omit_classes)
             if isinstance(model, BiasShifted):
                 results["models"][role]["bias_correction"] = model.value
-        if isinstance(models.get("teacher+specialists"), GeneralistWithSpecialists):
-            results["specialists"] = {"class_sets": models["teacher+specialists"].class_sets}
+        if isinstance(self.models.get("teacher+specialists"), GeneralistWithSpecialists):
+            results["specialists"] = {"class_sets": self.models["teacher+specialists"].class_sets}
         results["transfer"] = {"rows": r.transfer.rows, "teacher_rows": len(self.teacher_rows), "student_rows": len(self.student_rows),
                                "omit_classes": r.transfer.omit_classes}
         results["config"] = r.model_dump(mode="json")
@@ -270,8 +275,8 @@ class Experiment:
         for line in results["warnings"]:
             log.warning("warning: %s", line)
         write_results(self.partial, results)
-        atomic_write_text(self.partial / "history.json", strict_json(histories, indent=1))
-        write_report(self.partial, results, histories)
+        atomic_write_text(self.partial / "history.json", strict_json(self.histories, indent=1))
+        write_report(self.partial, results, self.histories)
         self.tracking.log_results(results)
         return results
 
@@ -314,29 +319,6 @@ class Experiment:
             if "model" in record:
                 return model_config_adapter.validate_python(record["model"])
         return self.recipe.teacher.model
-
-    def _signal(self, teacher, first: bool):
-        """(teacher signal, training rows) of a distilled stage: the cache for the first one when there is one."""
-        if first and self.cache is not None:
-            return CachedTeacher(), CachedDataset(self.distill_rows, self.cache)
-        return LiveTeacher(teacher, self.recipe.teacher.precision), self.distill_rows
-
-    def _auto_cache(self, teacher, accelerator):
-        """teacher.cache: auto: the teacher's full float32 logits over the students' rows, written once in the run
-        folder (resumable) by the main process; every distilled epoch then reads them instead of running the
-        teacher, with the same result as the live teacher (it runs in eval mode either way)."""
-        from distill.signals.cache import write_cache
-
-        path = self.partial / "teacher-cache"
-        if self.main:
-            t0 = time.perf_counter()
-            write_cache(teacher, self.distill_rows, path, dtype="float32", batch_size=self.task.inference_batch,
-                        device=accelerator.device)
-            log.info("teacher-cache: %d rows in %.1f s", len(self.distill_rows), time.perf_counter() - t0)
-        accelerator.wait_for_everyone()
-        cache = open_cache(path, dataset=self.distill_rows)
-        check_cache_fits(cache, self.recipe, self.distill_rows, self.student_init)
-        return cache
 
     def _bias_corrected(self, student: torch.nn.Module) -> BiasShifted:
         t, n = self.recipe.transfer, self.data.num_classes

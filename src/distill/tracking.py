@@ -62,10 +62,11 @@ def check_trackers(names, own_mlflow_store: bool, field: str = "report.trackers"
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
-    """A nested recipe as flat "a.b.c" keys with str / int / float / bool values (what trackers take)."""
+    """A nested recipe as flat "a.b.c" keys with str / int / float / bool values (what trackers take); characters
+    MLflow refuses in a name become _ (variants.word+seq.data.targets -> variants.word_seq.data.targets)."""
     flat = {}
     for key, value in config.items():
-        name = f"{prefix}{key}"
+        name = metric_key(f"{prefix}{key}")
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             value = {str(i): v for i, v in enumerate(value)}  # assistants: assistants.0.model.hidden, ...
         if isinstance(value, dict):

@@ -46,9 +46,10 @@ class Task(ABC):
         (translation: beam-search BLEU, decoding speed, sample translations)."""
         return self.evaluate(model, data.test)
 
-    def distill_rows(self, rows):
-        """The rows the distilled students learn from (translation: the teacher's generated targets, data.targets);
-        the scratch student keeps `rows`."""
+    def distill_rows(self, rows, data_cfg=None, teacher: str | None = None):
+        """The rows the distilled students learn from (translation: the teacher's generated targets in the folder
+        data_cfg.targets, default the recipe's data section, written by the teacher saved at `teacher`); the
+        scratch student keeps `rows`."""
         return rows
 
     def timed(self, model: nn.Module) -> nn.Module:

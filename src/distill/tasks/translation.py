@@ -87,19 +87,23 @@ class TranslationTask(TextTask):
         rows = read_pairs(path, target_path=d.target_path, **columns) if d.target_path else read_pairs(path, **columns)
         return split_by_fraction(rows, d)
 
-    def distill_rows(self, rows: TokenizedPairs) -> TokenizedPairs:
+    def distill_rows(self, rows: TokenizedPairs, data_cfg=None, teacher: str | None = None) -> TokenizedPairs:
         """With data.targets (a `distill generate` folder of this teacher over these rows): the same sources with
         the teacher's translations as targets (sequence-level KD), or the k-best closest to the reference by
         sentence BLEU (data.target_choice: closest, sequence-level interpolation)."""
-        d = self.recipe.data
+        d = data_cfg or self.recipe.data
         if not d.targets:
             return rows
         from distill.generate import model_sha256, read_generated
 
-        if not self.teacher_checkpoint:
+        if d.targets == "auto":
+            raise UserError("data.targets: auto is written by `distill run` / `distill distill` after the teacher; "
+                            "here give a folder written by `distill generate`")
+        teacher = teacher or self.teacher_checkpoint
+        if not teacher:
             raise UserError("data.targets holds a teacher's translations: distil from that teacher (--teacher FOLDER or "
-                            "teacher.checkpoint), not from one trained in this run")
-        targets = read_generated(d.targets, rows, model_sha256(self.teacher_checkpoint), d.target_choice)
+                            "teacher.checkpoint), not from one trained in this run (or use data.targets: auto)")
+        targets = read_generated(d.targets, rows, model_sha256(teacher), d.target_choice)
         generated = tokenize_pairs(self.tokenizer, list(zip(rows.source_texts, targets)), d.max_length, rows.start_id)
         return TokenizedPairs(rows.sources, generated.targets, rows.pad_id, rows.start_id,
                               source_texts=rows.source_texts, references=targets)
@@ -145,7 +149,12 @@ class TranslationTask(TextTask):
             raise UserError(f"{folder} is a {record.get('task')} model but this recipe is a {self.name} task: "
                             "use a model trained for this task")
         model_config_adapter.validate_python(record["model"])
-        return self.build_model(HFConfig(path=folder), data)
+        model = self.build_model(HFConfig(path=folder), data)
+        rows = model.hf.get_input_embeddings().weight.shape[0]
+        if rows != len(self.tokenizer):  # distill trains a model's embeddings on exactly its tokenizer's vocabulary
+            raise UserError(f"{folder} has {rows} token embeddings but the tokenizer ({self.tokenizer_path()}) has "
+                            f"{len(self.tokenizer)} tokens: use the tokenizer the model was trained with (saved in its folder)")
+        return model
 
     # ------------------------------------------------------------------ scores
     def evaluate(self, model, data, *, device="cpu", batch_size: int = 64) -> dict:
