@@ -384,7 +384,7 @@ def test_fused_needs_the_networks_last_layer_and_the_live_teacher():
 def test_an_automatic_logit_cache_is_refused_for_fused_mode_only(tmp_path):
     from conftest import tiny_recipe
     from distill.recipe import validate_recipe
-    from distill.runner import check_auto_cache
+    from distill.teaching import check_auto_cache
 
     def recipe(**distill):
         return validate_recipe(tiny_recipe(tmp_path, teacher={"cache": "auto"}, distill={"method": "divergence", **distill}))
