@@ -103,7 +103,7 @@ def test_generating_from_packed_text_is_refused_with_one_line(run, capsys):
     ({"data": {"dataset": "lm", "pack": True, "targets": "auto"}}, "packed blocks have none: set data.pack: false"),
     ({"data": {"dataset": "imdb-lm", "pack": True}, "variants": SEQ_KD}, "variants.seq-kd.*set data.pack: false"),
     ({"data": {"dataset": "lm", "targets": "auto", "target_choice": "closest"}}, "use target_choice best"),
-    ({"data": {"dataset": "en-es"}, "generate": {"sample": True}}, "generate.sample applies to language models"),
+    ({"data": {"dataset": "en-es"}, "generate": {"sample": True}}, "generate.sample and temperature apply to language models"),
     ({"data": {"dataset": "imdb"}, "generate": {"max_new_tokens": 8}}, "generate applies to translation and language"),
     ({"data": {"dataset": "imdb", "targets": "auto"}}, "data.targets applies to translation data"),
 ])

@@ -291,7 +291,8 @@ class Recipe(_Strict):
             raise ValueError(f"generate applies to translation and language-model data (en-es, parallel, "
                              f"{', '.join(LM_DATASETS)}), not {data.dataset}: remove it")
         if data is not None and data.dataset in ("en-es", "parallel") and (generate.sample or generate.temperature != 1):
-            raise ValueError("generate.sample applies to language models: translations are decoded by beam search; remove it")
+            raise ValueError("generate.sample and temperature apply to language models: translations are decoded by beam "
+                             "search; remove them")
         return generate
 
     @field_validator("variants")
