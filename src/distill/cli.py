@@ -107,17 +107,22 @@ def cmd_cache(args):
 
 
 def cmd_generate(args):
+    from distill.data import LM_DATASETS
     from distill.generate import generate, model_sha256
+    from distill.recipe import PACKED_TARGETS
     from distill.tasks import make_task
     from distill.transfer import recipe_rows
 
     recipe = _recipe(args)
     teacher_path = args.teacher or recipe.teacher.checkpoint
     if not teacher_path:
-        raise UserError("distill generate needs a teacher: pass --teacher FOLDER (a translation model written by distill)")
+        raise UserError("distill generate needs a teacher: pass --teacher FOLDER (a model written by distill)")
+    if recipe.data.dataset not in ("en-es", "parallel", *LM_DATASETS):
+        raise UserError(f"distill generate writes translations or language-model completions: data.dataset must be "
+                        f"en-es, parallel, {', '.join(LM_DATASETS)}, not {recipe.data.dataset}")
+    if recipe.data.pack:
+        raise UserError(PACKED_TARGETS)
     task = make_task(recipe, teacher_path)
-    if task.name != "translation":
-        raise UserError(f"distill generate translates: data.dataset must be en-es or parallel, not {recipe.data.dataset}")
     data = task.load_data()
     teacher = task.load_model(teacher_path, data)
     rows = recipe_rows(recipe, data.train)[1]  # the rows the students learn from
@@ -126,12 +131,14 @@ def cmd_generate(args):
     beam, k_best = g["beam"], g["k_best"]
     try:
         manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=beam,
-                            k_best=k_best, batch_size=g["batch_size"], shard_size=g["shard_size"],
-                            resume=not args.restart, progress=None if args.quiet else print)
+                            k_best=k_best, max_new_tokens=g["max_new_tokens"], sample=g["sample"],
+                            temperature=g["temperature"], seed=recipe.seed, batch_size=g["batch_size"],
+                            shard_size=g["shard_size"], resume=not args.restart, progress=None if args.quiet else print)
     except KeyboardInterrupt:
         print("distill: interrupted; rerun the same command to continue", file=sys.stderr)
         raise SystemExit(130) from None
-    print(f"{manifest['rows']} sentences, beam {beam}, {k_best} best each: {args.out} "
+    how = f"sampled at temperature {g['temperature']}" if g["sample"] else f"beam {beam}"
+    print(f"{manifest['rows']} rows, {how}, {k_best} best each: {args.out} "
           f"(train on them with data.targets={args.out})")
 
 
@@ -163,7 +170,7 @@ RECIPE_TECHNIQUES = (
     ("data.unlabelled_fraction", "unlabelled transfer rows with the teacher's argmax as pseudo-label"),
     ("teacher.cache", "stored teacher outputs from `distill cache` (full or top-k logits, layer features): no teacher in memory"),
     ("teacher.precision", "the teacher's forward pass in fp16/bf16"),
-    ("data.targets", "translation: the teacher's translations as targets (sequence-level KD): a `distill generate` folder, or auto"),
+    ("data.targets", "translation, language models: the teacher's translations or completions as targets (sequence-level KD): a `distill generate` folder, or auto"),
     ("variants", "more distilled students in one run, each changing distill.*, student.distill_train.* or data.targets"),
 )
 
@@ -243,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, help="examples per teacher forward pass (default: 1024; 64 for text)")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
-    g = recipe_parser("generate", "translate the training sources with the teacher's beam search (sequence-level KD data)")
+    g = recipe_parser("generate", "the teacher's translations or completions of the training rows (sequence-level KD data)")
     g.add_argument("--teacher", help="the teacher's folder (default: teacher.checkpoint of the recipe)")
     g.add_argument("--out", required=True, help="folder to write (built as OUT.partial, continued if killed)")
     g.add_argument("--beam", type=int, help="beam size (default: the recipe's generate.beam, 5)")

@@ -25,6 +25,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PACKED_TARGETS = ("data.targets (sequence-level KD) continues each row's prompt, and packed blocks have none: set "
+                  "data.pack: false (each document's first tokens are then its prompt and the teacher writes the rest)")
+
+
 class DataConfig(_Strict):
     dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
     path: str | None = Field(None, description="file (table) or folder (image-folder, or where MNIST files are)")
@@ -50,12 +54,12 @@ class DataConfig(_Strict):
     source_column: str | int = Field("source", description="parallel: the source column (a name, or a 0-based number for a TSV without header)")
     target_column: str | int = Field("target", description="parallel: the target column")
     target_path: str | None = Field(None, description="parallel: the target text file aligned line by line with data.path")
-    targets: str | None = Field(None, description="translation: a `distill generate` folder, or `auto` (the teacher's beam "
-                                                   "search, settings in `generate`, written in the run after the teacher): "
-                                                   "the distilled students learn the teacher's translations (sequence-level "
-                                                   "KD); scratch keeps the references")
-    target_choice: Literal["best", "closest"] = Field("best", description="translation, with targets: the teacher's best "
-                                                      "hypothesis, or of its k best the closest to the reference by sentence BLEU")
+    targets: str | None = Field(None, description="translation, language models: a `distill generate` folder, or `auto` "
+                                                   "(the teacher's beam search, settings in `generate`, written in the run "
+                                                   "after the teacher): the distilled students learn the teacher's "
+                                                   "translations or completions (sequence-level KD); scratch keeps the data")
+    target_choice: Literal["best", "closest"] = Field("best", description="with targets: the teacher's best hypothesis, or "
+                                                      "(translation) of its k best the closest to the reference by sentence BLEU")
     vocab_size: int = Field(8000, ge=300, description="translation, language models: subword vocabulary trained on the training text (when the teacher brings no tokenizer; its 256 bytes come first)")
     unlabelled_rows: int = Field(0, ge=0, description="imdb / text: this many more rows, disjoint from the splits, "
                                                       "with their labels hidden: the distilled student's extra transfer set")
@@ -74,8 +78,9 @@ class DataConfig(_Strict):
         if given:
             raise ValueError(f"data.{given[0]} applies to text data sets ({', '.join(TEXT_DATASETS)}), not {self.dataset}: remove it")
         if self.dataset not in ("en-es", "parallel"):
-            given = [f for f in ("target_path", "targets") if getattr(self, f) is not None]
-            given += ["target_choice"] if self.target_choice != "best" else []
+            given = [f for f in ("target_path", "targets") if getattr(self, f) is not None
+                     and not (f == "targets" and self.dataset in LM_DATASETS)]
+            given += ["target_choice"] if self.target_choice != "best" and self.dataset not in LM_DATASETS else []
             given += [f for f, default in (("source_column", "source"), ("target_column", "target"), ("vocab_size", 8000))
                       if getattr(self, f) != default and not (f == "vocab_size" and self.dataset in LM_DATASETS)]
             if given:
@@ -87,12 +92,22 @@ class DataConfig(_Strict):
             raise ValueError(f"data.{given[0]} applies to language-model data ({', '.join(LM_DATASETS)}), not {self.dataset}: remove it")
         if self.dataset == "imdb-lm" and self.format not in ("auto", "text"):
             raise ValueError(f"data.format {self.format}: imdb-lm is plain text (the reviews); use data.dataset lm for your own file")
+        if self.dataset in LM_DATASETS:
+            self._lm_targets()
         if self.dataset in LM_DATASETS and self.unlabelled_rows:
             raise ValueError("data.unlabelled_rows applies to imdb / text data: language-model text has no labels to hide")
         if self.dataset == "conll" and self.unlabelled_rows:
             raise ValueError("data.unlabelled_rows draws extra rows of imdb / text data; for conll hide the labels of "
                              "training sentences with data.unlabelled_fraction")
         return self
+
+
+    def _lm_targets(self) -> None:
+        if self.targets and self.pack:
+            raise ValueError(PACKED_TARGETS)
+        if self.target_choice == "closest":
+            raise ValueError("data.target_choice: closest picks a translation by sentence BLEU against its reference; a "
+                             "language model's teacher writes completions: use target_choice best (the default)")
 
 
 class TrainConfig(_Strict):
@@ -232,13 +247,18 @@ class GenerateConfig(_Strict):
     """The teacher's decoding of the training sources for sequence-level KD: `distill generate` and data.targets: auto."""
 
     beam: int = Field(5, ge=1, description="beam size (Kim & Rush: 5)")
-    k_best: int = Field(1, ge=1, description="hypotheses kept per sentence (more than 1 for data.target_choice: closest)")
+    k_best: int = Field(1, ge=1, description="hypotheses kept per row (more than 1 for data.target_choice: closest)")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens per translation or completion (default "
+                                                               "data.max_length; a completion also ends at data.max_length)")
+    sample: bool = Field(False, description="language models: sample the completions (at temperature, seeded by the "
+                                            "recipe's seed) instead of beam search")
+    temperature: float = Field(1.0, gt=0, description="with sample: softmax(logits / temperature)")
     batch_size: int = Field(64, ge=1, description="sentences per beam search")
     shard_size: int = Field(1000, ge=1, description="sentences per shard file (the unit a killed run keeps)")
 
     @model_validator(mode="after")
     def _k_within_beam(self):
-        if self.k_best > self.beam:
+        if self.k_best > self.beam and not self.sample:
             raise ValueError(f"k_best {self.k_best} must be at most beam {self.beam}: a beam of n keeps n hypotheses")
         return self
 
@@ -265,10 +285,14 @@ class Recipe(_Strict):
 
     @field_validator("generate")
     @classmethod
-    def _generate_translates(cls, generate, info):
+    def _generate_decodes(cls, generate, info):
         data = info.data.get("data")
-        if data is not None and data.dataset not in ("en-es", "parallel") and generate != GenerateConfig():
-            raise ValueError(f"generate applies to translation data (en-es, parallel), not {data.dataset}: remove it")
+        if data is not None and data.dataset not in ("en-es", "parallel", *LM_DATASETS) and generate != GenerateConfig():
+            raise ValueError(f"generate applies to translation and language-model data (en-es, parallel, "
+                             f"{', '.join(LM_DATASETS)}), not {data.dataset}: remove it")
+        if data is not None and data.dataset in ("en-es", "parallel") and (generate.sample or generate.temperature != 1):
+            raise ValueError("generate.sample and temperature apply to language models: translations are decoded by beam "
+                             "search; remove them")
         return generate
 
     @field_validator("variants")

@@ -1,9 +1,10 @@
 """What each distilled stage of a run learns from: its training rows and its teacher signal.
 
 A distilled stage (the student, or a variant, see distill.variants) learns from
-  - rows: the students' rows, with the targets its data.targets names (translation: a `distill generate` folder, or
-    `auto`, the teacher's beam search written into the run folder after the teacher stage, kept when the run is
-    published as `teacher-targets/`); stages with the same data.targets and target_choice share one set of rows;
+  - rows: the students' rows, with the targets its data.targets names (translation, language models: a `distill
+    generate` folder, or `auto`, the teacher's decoding written into the run folder after the teacher stage, kept
+    when the run is published as `teacher-targets/`); stages with the same data.targets and target_choice share
+    one set of rows;
   - a signal: the live teacher, or a teacher cache (teacher.cache: a folder written by `distill cache`, or `auto`,
     the teacher's logits written into the run folder) over exactly the student's rows, which every stage with the
     student's rows reads when it learns from the teacher itself (not from an assistant).
@@ -118,7 +119,7 @@ class Teaching:
             self.cache = self._auto_cache(teacher, accelerator, student_init)
 
     def _auto_targets(self, teacher, accelerator) -> None:
-        """The teacher's beam search over the students' training sources (recipe.generate), sharded and atomic, so
+        """The teacher's decoding of the students' training rows (recipe.generate), sharded and atomic, so
         --resume continues at the first unfinished shard (distill.generate); reused when already complete."""
         from distill.generate import generate, model_sha256
 
@@ -126,9 +127,10 @@ class Teaching:
         if self.main and not path.exists():
             t0 = time.perf_counter()
             generate(self.task, teacher, self.student_rows, path, teacher_sha256=model_sha256(self.teacher_weights()),
-                     num_beams=g.beam, k_best=g.k_best, batch_size=g.batch_size, shard_size=g.shard_size,
-                     resume=True, progress=log.info, device=accelerator.device)
-            log.info("%s: %d sentences in %.1f s", TARGETS, len(self.student_rows), time.perf_counter() - t0)
+                     num_beams=g.beam, k_best=g.k_best, max_new_tokens=g.max_new_tokens, sample=g.sample,
+                     temperature=g.temperature, seed=self.recipe.seed, batch_size=g.batch_size,
+                     shard_size=g.shard_size, resume=True, progress=log.info, device=accelerator.device)
+            log.info("%s: %d rows in %.1f s", TARGETS, len(self.student_rows), time.perf_counter() - t0)
         accelerator.wait_for_everyone()
 
     def _auto_cache(self, teacher, accelerator, student_init):

@@ -105,10 +105,12 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()  # (not inference_mode: on-policy training feeds the samples back into a forward with gradients)
     def generate(self, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, min_new_tokens: int = 0) -> list[torch.Tensor]:
+                 temperature: float = 1.0, min_new_tokens: int = 0, num_beams: int = 1,
+                 num_return_sequences: int = 1) -> list[torch.Tensor]:
         """The new tokens after each row's prompt (inputs' input_ids at attention_mask; padding on either side),
-        up to and including the first </s>: HF generate, greedy or sampling from softmax(logits / temperature)
-        (no top-k / top-p cut). Padding and tokens outside the tokenizer's vocabulary are never produced."""
+        up to and including the first </s>: HF generate, greedy, beam search (num_beams) or sampling from
+        softmax(logits / temperature) (no top-k / top-p cut); num_return_sequences k gives k per row, row after row
+        (of a beam, best first). Padding and tokens outside the tokenizer's vocabulary are never produced."""
         rows = [ids[mask.bool()] for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         longest = max(len(r) for r in rows)
         if self.max_positions and longest + max_new_tokens > self.max_positions:
@@ -126,7 +128,8 @@ class CausalLM(nn.Module):
         self.eval()
         try:
             out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=min_new_tokens, do_sample=do_sample, eos_token_id=self.eos_id,
+                                   min_new_tokens=min_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                                   num_return_sequences=num_return_sequences, eos_token_id=self.eos_id,
                                    pad_token_id=self.eos_id, suppress_tokens=never or None, **sampling)
         finally:
             self.train(was_training)

@@ -5,9 +5,10 @@ Data: `imdb-lm` (the IMDB reviews as plain text, split as the sentiment task spl
 data.split_seed and test_rows its test reviews are the classifier's) or `lm` (data.path: one .txt / .jsonl file
 split by val_fraction / test_fraction, or a folder of train / valid / test files; data.format text |
 prompt_completion | chat, default auto; see distill.data.lm_text). data.pack joins plain-text documents into blocks
-of data.max_length tokens. The tokenizer is the teacher's when it brings one (data.tokenizer, a teacher folder or
-an hf teacher), else a byte-level BPE of data.vocab_size tokens trained on the training text; it is saved with
-every model. Models: `causal-lm` (GPT-2 or Llama from a config), `hf` (a pretrained causal LM), `hf-shrink` (the
+of data.max_length tokens. Sequence-level KD (data.targets, unpacked rows): the distilled students learn the
+teacher's completions of each row's prompt (distill.tasks.lm_targets). The tokenizer is the teacher's when it
+brings one (data.tokenizer, a teacher folder or an hf teacher), else a byte-level BPE of data.vocab_size tokens
+trained on the training text; it is saved with every model. Models: `causal-lm` (GPT-2 or Llama from a config), `hf` (a pretrained causal LM), `hf-shrink` (the
 teacher with fewer layers / narrower). The best epoch has the lowest validation perplexity; the test report adds
 the teacher's NLL per token of each model's own sampled continuations (when `judge` is set), sample continuations
 and the latency of greedy generation.
@@ -29,6 +30,7 @@ from distill.data.splits import cap_splits, split_by_fraction, split_files
 from distill.data.text import pad_rows
 from distill.errors import UserError
 from distill.tasks.classification import evaluate as token_scores
+from distill.tasks.lm_targets import completion_rows, generate_completions, prompt_end
 from distill.tasks.text import TextTask
 
 
@@ -99,6 +101,24 @@ class CausalLMTask(TextTask):
             raise UserError(f"{path}: the split files hold different formats ({formats}): give them one format, "
                             "or set data.format")
         return formats["train"], cap_splits({split: rows for split, (_, rows) in read.items()}, d, "examples")
+
+    def generate_targets(self, model, rows: TokenizedLM, *, num_beams: int, num_return_sequences: int,
+                         batch_size: int, device="cpu", max_new_tokens: int | None = None, sample: bool = False,
+                         temperature: float = 1.0) -> list[dict]:
+        """`distill generate`'s record of every row: the teacher's completions of its prompt (see lm_targets)."""
+        return generate_completions(self, model, rows, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                                    batch_size=batch_size, device=device, sample=sample, temperature=temperature,
+                                    max_new_tokens=max_new_tokens or self.recipe.data.max_length)
+
+    def distill_rows(self, rows: TokenizedLM, data_cfg=None, teacher: str | None = None) -> TokenizedLM:
+        """With data.targets (a `distill generate` folder of this teacher over these rows): each row's prompt with the
+        teacher's completion (sequence-level KD); scratch keeps the data."""
+        d = data_cfg or self.recipe.data
+        if not d.targets:
+            return rows
+        from distill.generate import generated_targets
+
+        return completion_rows(self, rows, generated_targets(self, rows, d, teacher))
 
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg, data, teacher: nn.Module | None = None) -> nn.Module:
@@ -180,7 +200,7 @@ class CausalLMTask(TextTask):
         prompts, references = [], []
         for i in range(min(n, len(rows))):
             ids, start = rows.ids[i], rows.starts[i]
-            cut = start if start > 1 else min(self.prompt_tokens, longest, len(ids) - 1)
+            cut = prompt_end(ids, start, min(self.prompt_tokens, longest))
             prompts.append(ids[max(0, cut - longest) : cut])
             references.append(ids[cut : cut + new])
         return prompts, references

@@ -94,16 +94,9 @@ class TranslationTask(TextTask):
         d = data_cfg or self.recipe.data
         if not d.targets:
             return rows
-        from distill.generate import model_sha256, read_generated
+        from distill.generate import generated_targets
 
-        if d.targets == "auto":
-            raise UserError("data.targets: auto is written by `distill run` / `distill distill` after the teacher; "
-                            "here give a folder written by `distill generate`")
-        teacher = teacher or self.teacher_checkpoint
-        if not teacher:
-            raise UserError("data.targets holds a teacher's translations: distil from that teacher (--teacher FOLDER or "
-                            "teacher.checkpoint), not from one trained in this run (or use data.targets: auto)")
-        targets = read_generated(d.targets, rows, model_sha256(teacher), d.target_choice)
+        targets = generated_targets(self, rows, d, teacher)
         generated = tokenize_pairs(self.tokenizer, list(zip(rows.source_texts, targets)), d.max_length, rows.start_id)
         return TokenizedPairs(rows.sources, generated.targets, rows.pad_id, rows.start_id,
                               source_texts=rows.source_texts, references=targets)
@@ -178,16 +171,29 @@ class TranslationTask(TextTask):
                              for i in range(min(self.samples, len(beam)))]
         return scores
 
+    def generate_targets(self, model, rows: TokenizedPairs, *, num_beams: int, num_return_sequences: int,
+                         batch_size: int, device="cpu", max_new_tokens: int | None = None, sample: bool = False,
+                         temperature: float = 1.0) -> list[dict]:
+        """`distill generate`'s record of every row: its source, reference and the k best beam translations."""
+        if sample:
+            raise UserError("generate.sample applies to language models: translations are decoded by beam search; "
+                            "remove it")
+        hypotheses = self.translate(model, rows, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                                    batch_size=batch_size, device=device, max_new_tokens=max_new_tokens)
+        return [{"source": rows.source_texts[i], "reference": rows.references[i], "hypotheses": hyps}
+                for i, hyps in enumerate(hypotheses)]
+
     @torch.inference_mode()
     def translate(self, model, data: TokenizedPairs, *, num_beams: int, num_return_sequences: int | None = None,
-                  device="cpu", batch_size: int = 64) -> list:
-        """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding);
-        with num_return_sequences k, a list of the k best per source."""
+                  device="cpu", batch_size: int = 64, max_new_tokens: int | None = None) -> list:
+        """Detokenized translations of every source of `data`, in order (batches sorted by length: less padding),
+        each at most max_new_tokens (default data.max_length); with num_return_sequences k, a list of the k best per
+        source."""
         model = getattr(model, "module", model)  # validation under DDP: decode with the wrapped model itself
         order = sorted(range(len(data)), key=lambda i: len(data.sources[i]))
         k = num_return_sequences or 1
         out: list = [""] * len(data)
-        limit = self.recipe.data.max_length
+        limit = max_new_tokens or self.recipe.data.max_length
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             inputs, _ = data.__getitems__(idx)
