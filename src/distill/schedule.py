@@ -25,10 +25,6 @@ class Plan:
     steps_per_epoch: int | None  # optimiser steps in one pass, None when the data does not tell its length
     total_steps: int | None  # None: epochs of unknown length
 
-    @property
-    def by_steps(self) -> bool:
-        return self.total_steps is not None
-
 
 def optimiser_steps(batches: int | None, grad_accum: int) -> int | None:
     return None if batches is None else -(-batches // grad_accum)

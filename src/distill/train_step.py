@@ -85,9 +85,7 @@ class StepRunner:
         self.stepper.zero_grad(set_to_none=True)
         if self.constrain is not None:
             self.constrain()
-        if len(batches) > 1 and not self.weigh_rows:
-            loss_sum, parts_sum = loss_sum / len(batches), {k: v / len(batches) for k, v in parts_sum.items()}
-        return loss_sum, parts_sum
+        return loss_sum, parts_sum  # (several batches are always weighted: their weights sum to 1 over the step)
 
     def _weights(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """w_i = P · n_i / N for this process's batches (module docstring)."""
