@@ -204,3 +204,18 @@ def test_a_language_model_killed_mid_epoch_resumes_to_the_same_weights(tmp_path)
         task=task)
     for a, b in zip(_weights(straight), _weights(resumed)):
         assert torch.equal(a, b)
+
+
+def test_resuming_a_finished_fit_trains_no_further_step(tmp_path):
+    """The last state says training is over: resumed (e.g. killed before the caller saved the weights), the fit
+    returns the same weights without one more step."""
+    data, val = TokenRows(200), TokenRows(40, seed=1)
+    cfg = TrainConfig(batch_size=16, max_steps=10, eval_every=5, lr=0.05)
+    first = Tagger()
+    fit(first, Supervised(SupervisedConfig()), data, val, cfg, seed=2, state_dir=tmp_path / "st", progress=False)
+    again = Tagger(seed=3)
+    r = fit(again, Supervised(SupervisedConfig()), data, val, cfg, seed=2, state_dir=tmp_path / "st", resume=True,
+            progress=False)
+    assert [h["step"] for h in r.history] == [5, 10]
+    for a, b in zip(_weights(first), _weights(again)):
+        assert torch.equal(a, b)

@@ -296,13 +296,13 @@ class _Training:
             pos.add(loss, parts, len(batches), time.perf_counter() - t0)
             self.bar.update(1)
             last = plan.total_steps is not None and pos.step >= plan.total_steps
+            pos.stopped |= last  # before any write: a state saved now says training is over
             if cfg.eval_every and (pos.step % cfg.eval_every == 0 or last):
                 self._close_row(epoch, last)
                 self._train_mode()
             elif cfg.save_every and pos.step % cfg.save_every == 0 and not last:
                 self._save()  # every save_every steps, whatever the cadence
-            if last or pos.stopped:
-                pos.stopped = True
+            if pos.stopped:
                 break
         if not pos.stopped or not cfg.eval_every:
             pos.epochs_done, pos.batch = epoch, 0
