@@ -220,6 +220,25 @@ def test_the_divergence_method_trains_on_policy_on_the_students_own_samples(run,
     assert results["models"]["student"]["perplexity"] > 0 and results["config"]["distill"]["on_policy"] == 1.0
 
 
+def test_a_top_k_cache_of_the_teachers_token_logits_serves_the_topk_method(run, tmp_path):
+    """`distill cache --top-k` stores the teacher's k largest logits per counted token (+ logsumexp), and `topk` with
+    the rest bucket learns from it, with the same student as from the live teacher (the cache is exact for top-k)."""
+    raw = lm_recipe(tmp_path, name="cached", distill={"method": "topk", "k": 8, "temperature": 1, "rest": "bucket",
+                                                      "hard_weight": 0.5, "soft_weight": 0.5})
+    raw["student"]["train"]["epochs"] = 1
+    raw["data"]["path"] = str(run.parent.parent / "docs.txt")  # the teacher's data
+    recipe, teacher = write_recipe(tmp_path, raw), str(run / "teacher")
+    assert main(["cache", recipe, "--teacher", teacher, "--out", str(tmp_path / "cache"), "--top-k", "8",
+                 "--dtype", "float32"]) == 0
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["top_k"] == 8 and manifest["n_rows"] > 200  # one row per counted token, not per document
+    assert main(["distill", recipe, "--teacher", teacher, "--quiet", "--no-scratch", f"teacher.cache={tmp_path / 'cache'}"]) == 0
+    assert main(["distill", recipe, "--teacher", teacher, "--quiet", "--no-scratch", "name=live"]) == 0
+    cached = json.loads((tmp_path / "runs" / "cached" / "results.json").read_text())["models"]["student"]
+    live = json.loads((tmp_path / "runs" / "live" / "results.json").read_text())["models"]["student"]
+    assert cached["perplexity"] == pytest.approx(live["perplexity"], rel=1e-3)
+
+
 def test_a_teacher_with_padded_embedding_rows_distils_over_the_shared_vocabulary(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
