@@ -201,14 +201,16 @@ def test_translation_run_on_two_processes_equals_one(tmp_path, accumulate):
     _same_weights_on_one_and_two_processes(tmp_path, raw, two, roles=("teacher", "student", *variants))
 
 
-def test_language_model_run_on_two_processes_equals_one(tmp_path):
-    """A causal-LM run (GPT-2 teacher, Llama student, both from configs; JSD per token, chunked) under torchrun,
-    each process accumulating 2 batches of 4 sequences per step, gives the one-process weights of steps of 16:
-    the step's mean is over all its completion tokens, however they fall among processes and batches."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_language_model_run_on_two_processes_equals_one(tmp_path, fused):
+    """A causal-LM run (GPT-2 teacher, Llama student, both from configs; JSD per token, chunked, or fused from the
+    hidden states through DDP's forward) under torchrun, each process accumulating 2 batches of 4 sequences per
+    step, gives the one-process weights of steps of 16: the step's mean is over all its completion tokens, however
+    they fall among processes and batches."""
     from lm_fixtures import lm_recipe
 
     raw = lm_recipe(tmp_path, distill={"method": "divergence", "divergence": "jsd", "beta": 0.5, "chunk_size": 16,
-                                       "hard_weight": 0.5, "soft_weight": 0.5})
+                                       "hard_weight": 0.5, "soft_weight": 0.5, "fused": fused})
     raw["teacher"]["train"]["epochs"], raw["student"]["train"]["epochs"] = 2, 2
     for role in ("teacher", "student"):  # SGD: Adam turns float rounding in near-zero gradients into lr-sized steps
         raw[role]["train"].update(optimizer="sgd", lr=0.1)

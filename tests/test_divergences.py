@@ -375,8 +375,8 @@ def test_fused_needs_the_networks_last_layer_and_the_live_teacher():
         Divergence(config, lambda inputs: teacher(inputs))(student, x, y)
     wrapped = nn.Module()
     wrapped.module = student  # how DDP holds the model
-    with pytest.raises(UserError, match="DDP/FSDP"):
-        _method(teacher, fused=True)(wrapped, x, y)
+    with pytest.raises(UserError, match=r"under DDP needs the student's forward to take hidden=True"):
+        _method(teacher, fused=True)(wrapped, x, y)  # (its hidden states must come through the wrapper's forward)
     with pytest.raises(ValidationError, match="set chunk_size"):
         DivergenceConfig(fused=True, chunk_size=None)
 

@@ -9,8 +9,9 @@ chunk_size rows at a time (distill.losses.chunked) keeps the loss's own memory a
 logits and their gradient; None computes everything at once. fused: true starts from the final hidden states
 and the output projection of both networks, so no [N, V] logits of either exist: both must expose
 counted_hidden(inputs) -> [N, d] (the hidden states of exactly the rows their logits would have) and
-output_projection() -> (weight [V, d], bias or None). It needs the live teacher network (not a cache), and a
-student outside DDP/FSDP wrappers (calling counted_hidden directly would bypass their gradient synchronisation).
+output_projection() -> (weight [V, d], bias or None). It needs the live teacher network (not a cache); under DDP
+the student's hidden states come through the wrapper's forward (forward(inputs, hidden=True)), so its gradient
+synchronisation holds; FSDP, which shards the output layer's weight, is refused.
 
 on_policy (GKD, Agarwal et al. 2024): that share of batches trains on completions the student samples itself from
 the batch's prompts (`sample_completions(inputs, max_new_tokens, temperature) -> (inputs, y)` of the student
@@ -20,6 +21,7 @@ normalises the step (distill.train_step), so a step is a mean over the tokens ac
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -31,6 +33,7 @@ from distill.features import _unwrapped
 from distill.losses.chunked import chunked_loss_sums, fused_loss_sums
 from distill.methods.base import Method, MethodConfig, register
 from distill.signals.live import to_dtype
+from distill.training_state import is_sharded
 
 
 class DivergenceConfig(MethodConfig):
@@ -132,9 +135,6 @@ class Divergence(Method):
         return sums.total, {"hard": sums.hard / max(labelled, 1), "soft": sums.soft / max(n, 1)}
 
     def _fused(self, student, x, options):
-        if _unwrapped(student) is not student:
-            raise UserError("distill.fused=true does not run under DDP/FSDP (calling the student's counted_hidden "
-                            "directly would skip their gradient synchronisation): set distill.fused=false")
         s_weight, s_bias = _projection_of(student, "student").output_projection()
         teacher = dict(teacher_hidden=None, teacher_weight=None, teacher_bias=None)
         if self.config.soft_weight > 0:
@@ -143,5 +143,20 @@ class Divergence(Method):
                 hidden = net.eval().counted_hidden(x if dtype is None else to_dtype(x, dtype))
             t_weight, t_bias = net.output_projection()
             teacher = dict(teacher_hidden=hidden, teacher_weight=t_weight, teacher_bias=t_bias)
-        return fused_loss_sums(student.counted_hidden(x), s_weight, s_bias, **teacher,
+        return fused_loss_sums(_student_hidden(student, x), s_weight, s_bias, **teacher,
                                chunk_size=self.config.chunk_size, **options)
+
+
+def _student_hidden(student: nn.Module, x) -> torch.Tensor:
+    """The student's counted hidden states; under DDP through the wrapper's forward (forward(x, hidden=True)), so
+    that DDP prepares and synchronises the gradients, the output layer's included (it shares the parameters)."""
+    inner = _unwrapped(student)
+    if inner is student:
+        return student.counted_hidden(x)
+    if is_sharded(student):
+        raise UserError("distill.fused=true reads the output layer's weight outside the forward pass, which FSDP "
+                        "shards: use DDP, or set distill.fused=false")
+    if "hidden" not in inspect.signature(inner.forward).parameters:
+        raise UserError(f"distill.fused=true under DDP needs the student's forward to take hidden=True (return "
+                        f"counted_hidden), which {type(inner).__name__}.forward does not: set distill.fused=false")
+    return student(x, hidden=True)

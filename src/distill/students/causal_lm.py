@@ -78,9 +78,12 @@ class CausalLM(nn.Module):
     def max_positions(self) -> int | None:
         return getattr(self.hf.config, "max_position_embeddings", None)
 
-    def forward(self, inputs: dict[str, torch.Tensor], **hf_kwargs):
+    def forward(self, inputs: dict[str, torch.Tensor], *, hidden: bool = False, **hf_kwargs):
         """Logits [N, V] at the counted positions; with transformers keyword arguments (output_hidden_states=True,
-        for the layer methods), (those logits, the model's whole output)."""
+        for the layer methods), (those logits, the model's whole output); hidden=True: counted_hidden(inputs)
+        (so the fused divergence can go through a DDP wrapper's forward, which synchronises the gradients)."""
+        if hidden:
+            return self.counted_hidden(inputs)
         if hf_kwargs or not self.plain_head:  # (or a head that scales or caps logits): the model's own logits
             out = self.hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **hf_kwargs)
             logits = out.logits[inputs["target_mask"]][:, : self.vocab_size]
