@@ -48,7 +48,19 @@ class Tagger(nn.Module):
         h, m = self.emb(x["ids"]), x["mask"].unsqueeze(-1).to(self.out.weight.dtype)
         context = (h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)  # padding-free: as real models are
         h = h + self.mix(context)  # the loss of a token depends on its sentence
-        return self.out(torch.tanh(h))[x["mask"]]
+        return self.out(torch.tanh(h))[x.get("count", x["mask"])]
+
+    def sample_completions(self, x, *, max_new_tokens, temperature):
+        """A deterministic stand-in for sampling: each row continued by 1-5 tokens (by its first token), only those
+        counted, so the step's rows are the generated tokens and their number varies among batches."""
+        rows = [r[m].tolist() for r, m in zip(x["ids"], x["mask"])]
+        new = [[(r[0] * (k + 2)) % (VOCAB - 1) + 1 for k in range(r[0] % 5 + 1)] for r in rows]
+        width = max(len(r) + len(n) for r, n in zip(rows, new))
+        ids = torch.tensor([r + n + [0] * (width - len(r) - len(n)) for r, n in zip(rows, new)])
+        count = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (r, n) in enumerate(zip(rows, new)):
+            count[b, len(r):len(r) + len(n)] = True
+        return {"ids": ids, "mask": ids != 0, "count": count}, torch.tensor([t for n in new for t in n])
 
 
 def _weights(model):
@@ -219,3 +231,29 @@ def test_resuming_a_finished_fit_trains_no_further_step(tmp_path):
     assert [h["step"] for h in r.history] == [5, 10]
     for a, b in zip(_weights(first), _weights(again)):
         assert torch.equal(a, b)
+
+
+def test_on_policy_steps_are_normalised_by_the_generated_tokens():
+    """GKD's on-policy batches: the rows of a step are the tokens the student generated (1-5 per sentence here), and
+    4 accumulated batches of 8 still equal one batch of 32 (float64, 1e-12); the generated tokens carry no label."""
+    from distill.methods.divergence import Divergence, DivergenceConfig
+    from distill.signals import LiveTeacher
+
+    teacher = Tagger(seed=5, dtype=torch.float64)
+    config = DivergenceConfig(divergence="reverse_kl", on_policy=1.0, hard_weight=1.0, soft_weight=1.0, chunk_size=7)
+    method = Divergence(config, LiveTeacher(teacher))
+    x, y = TokenRows(8).__getitems__(list(range(8)))
+    sampled, labels = method.sample_batch(Tagger(dtype=torch.float64), (x, y))
+    assert bool((labels == -1).all()) and len(labels) == int(sampled["count"].sum()) != len(y)
+    _, parts = method(Tagger(dtype=torch.float64), sampled, labels)
+    assert float(parts["hard"]) == 0.0 and float(parts["soft"]) > 0
+
+    data = TokenRows(32)
+    cfg = dict(epochs=1, optimizer="sgd", momentum=0.0, lr=0.5, schedule="constant")
+    one, four = Tagger(dtype=torch.float64), Tagger(dtype=torch.float64)
+    fit(one, Divergence(config, LiveTeacher(teacher)), data, None, TrainConfig(batch_size=32, **cfg), progress=False)
+    fit(four, Divergence(config, LiveTeacher(teacher)), data, None, TrainConfig(batch_size=8, grad_accum=4, **cfg),
+        progress=False)
+    for a, b in zip(_weights(one), _weights(four)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), (a - b).abs().max()
+    assert max((a - b).abs().max() for a, b in zip(_weights(one), _weights(Tagger(dtype=torch.float64)))) > 1e-4

@@ -15,7 +15,7 @@ synchronisation holds; FSDP, which shards the output layer's weight, is refused.
 
 on_policy (GKD, Agarwal et al. 2024): that share of batches trains on completions the student samples itself from
 the batch's prompts (`sample_completions(inputs, max_new_tokens, temperature) -> (inputs, y)` of the student
-network), with the divergence to the teacher on exactly the generated tokens; the loop counts those tokens when it
+network), with the divergence to the teacher on exactly the generated tokens (no hard term: they carry no label); the loop counts those tokens when it
 normalises the step (distill.train_step), so a step is a mean over the tokens actually generated.
 """
 
@@ -118,7 +118,9 @@ class Divergence(Method):
         with torch.no_grad():
             inputs, y = net.sample_completions(batch[0], max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature)
         net.train(was_training)
-        return inputs, y
+        # the student's own tokens are no labels: only the divergence to the teacher trains on them (as GKD); the
+        # loop still counts every generated token when it normalises the step
+        return inputs, torch.full_like(y, -1)
 
     def __call__(self, student, x, y):
         c = self.config
