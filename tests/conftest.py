@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from distill.methods.supervised import Supervised, SupervisedConfig  # noqa: E402
+
 # One intra-op thread: float results (and so the trained-student comparisons) do not depend on the core count.
 torch.set_num_threads(1)
 
@@ -89,3 +91,18 @@ def train_student(method, digits, seed: int, data=None, hidden=(64,), **train) -
         data = ArrayDataset(digits.train.x[:STUDENT_ROWS], digits.train.y[:STUDENT_ROWS])
     fit(model, method, data, digits.val, cfg, seed=seed, progress=False)
     return evaluate(model, digits.test)["errors"]
+
+
+
+class KilledAt(Supervised):
+    """Supervised training that raises KeyboardInterrupt (a kill) on its `at_call`-th batch."""
+
+    def __init__(self, at_call):
+        super().__init__(SupervisedConfig())
+        self.at_call, self.calls = at_call, 0
+
+    def __call__(self, student, x, y):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KeyboardInterrupt
+        return super().__call__(student, x, y)

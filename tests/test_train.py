@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import KilledAt
 from distill.errors import UserError
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import TrainConfig
@@ -27,20 +28,6 @@ def test_training_learns_and_is_repeatable(digits):
         assert torch.equal(pa, pb)
 
 
-class _Interrupt(Supervised):
-    """Raises KeyboardInterrupt (a kill) at a given step."""
-
-    def __init__(self, at_step):
-        super().__init__(SupervisedConfig())
-        self.at_step, self.calls = at_step, 0
-
-    def __call__(self, student, x, y):
-        self.calls += 1
-        if self.calls == self.at_step:
-            raise KeyboardInterrupt
-        return super().__call__(student, x, y)
-
-
 def test_killed_run_resumes_bit_identically(digits, tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.003, jitter=1)  # jitter + dropout: RNG state matters
     straight = _model()
@@ -49,7 +36,7 @@ def test_killed_run_resumes_bit_identically(digits, tmp_path):
     killed = _model()
     steps_per_epoch = -(-len(digits.train) // 64)
     with pytest.raises(KeyboardInterrupt):
-        fit(killed, _Interrupt(at_step=2 * steps_per_epoch + 5), digits.train, digits.val, cfg, seed=3,
+        fit(killed, KilledAt(2 * steps_per_epoch + 5), digits.train, digits.val, cfg, seed=3,
             state_dir=tmp_path / "state", progress=False)
     resumed = _model(seed=99)  # different init: everything must come from the checkpoint
     torch.manual_seed(12345)  # and a disturbed global RNG
@@ -91,7 +78,7 @@ def test_max_norm_constraint_holds_after_training(digits):
 
 def test_resume_refuses_a_checkpoint_without_its_best_weights(digits, tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=64, lr=0.003)
-    fit(_model(), _Interrupt(at_step=10**9), digits.train, digits.val, cfg.model_copy(update={"epochs": 1}),
+    fit(_model(), KilledAt(10**9), digits.train, digits.val, cfg.model_copy(update={"epochs": 1}),
         state_dir=tmp_path / "state", progress=False)
     (tmp_path / "state.best.safetensors").unlink()
     with pytest.raises(UserError, match="lost its best-on-validation weights .*state.best.safetensors") as e:
@@ -177,7 +164,7 @@ def test_state_writes_are_spaced_when_epochs_are_short(digits, tmp_path, monkeyp
     fit(straight, Supervised(SupervisedConfig()), small, digits.val, cfg, seed=1, progress=False)
     killed = _model()
     with pytest.raises(KeyboardInterrupt):
-        fit(killed, _Interrupt(at_step=20), small, digits.val, cfg, seed=1, state_dir=tmp_path / "s", progress=False)
+        fit(killed, KilledAt(20), small, digits.val, cfg, seed=1, state_dir=tmp_path / "s", progress=False)
     assert epochs_written == [1]
     resumed = _model(seed=5)
     fit(resumed, Supervised(SupervisedConfig()), small, digits.val, cfg, seed=1, state_dir=tmp_path / "s", resume=True, progress=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import KilledAt
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import TrainConfig
 from distill.train import fit
@@ -108,18 +109,6 @@ def test_max_steps_and_eval_every_give_rows_per_steps_and_end_the_schedule():
     assert r.best_step in (6, 12, 18, 20)
 
 
-class _KillAt(Supervised):
-    def __init__(self, at_call):
-        super().__init__(SupervisedConfig())
-        self.at_call, self.calls = at_call, 0
-
-    def __call__(self, student, x, y):
-        self.calls += 1
-        if self.calls == self.at_call:
-            raise KeyboardInterrupt
-        return super().__call__(student, x, y)
-
-
 @pytest.mark.parametrize("kill_at_batch", [9, 16, 27])
 def test_a_run_killed_mid_epoch_continues_at_the_exact_batch(tmp_path, kill_at_batch):
     """13 batches an epoch, 2 per step, a state every 3 steps, validation every 4: killed in the middle of an
@@ -130,7 +119,7 @@ def test_a_run_killed_mid_epoch_continues_at_the_exact_batch(tmp_path, kill_at_b
     straight = Tagger()
     s = fit(straight, Supervised(SupervisedConfig()), data, val, cfg, seed=2, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        fit(Tagger(), _KillAt(kill_at_batch), data, val, cfg, seed=2, state_dir=tmp_path / "st", progress=False)
+        fit(Tagger(), KilledAt(kill_at_batch), data, val, cfg, seed=2, state_dir=tmp_path / "st", progress=False)
     resumed = Tagger(seed=7)
     torch.manual_seed(999)
     r = fit(resumed, Supervised(SupervisedConfig()), data, val, cfg, seed=2, state_dir=tmp_path / "st", resume=True,
