@@ -17,7 +17,6 @@ from distill.errors import UserError
 from distill.losses.chunked import (
     chunked_cross_entropy_sum,
     chunked_divergence_sum,
-    chunked_loss_sums,
     fused_cross_entropy_sum,
     fused_divergence_sum,
     fused_loss_sums,
