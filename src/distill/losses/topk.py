@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import (
     _ROW_REDUCTIONS,
     _check_logits,
@@ -159,7 +160,11 @@ def topk_kd_loss_from_indices(
     per_row = _kl_rows(log_qt, log_qs)
     if t2_scaling:
         per_row = per_row * (T * T)
-    return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    loss = _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    if not finite(loss):
+        check_targets(teacher_topk_logits=_select(_rows(teacher_topk_logits), keep),
+                      teacher_logsumexp=None if lse is None else _select(lse.reshape(-1, 1), keep))
+    return loss
 
 
 def topk_kd_loss(
