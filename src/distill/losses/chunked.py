@@ -36,7 +36,7 @@ from torch import Tensor
 
 from distill.errors import UserError
 from distill.finite import check_targets, finite, require_finite
-from distill.losses.divergence import check_divergence, token_divergence
+from distill.losses.divergence import check_divergence, check_divergence_inputs, token_divergence
 from distill.losses.divergence_grad import cross_entropy_with_grad, divergence_with_grad
 from distill.losses.hard import hard_label_loss
 
@@ -229,8 +229,8 @@ def chunked_loss_sums(student_logits: Tensor, teacher_logits: Tensor | None, lab
                         f"{tuple(student_logits.shape)}")
     sums = LossSums(*_Chunked.apply(student_logits, teacher_logits, spec, _check_chunk(chunk_size),
                                     _needs_grad(student_logits)))
-    if not finite(sums.total):  # the divergence lets a teacher's NaN reach it (divergence_grad's masks keep NaN)
-        check_targets(teacher_logits=teacher_logits)
+    if not finite(sums.total) and teacher_logits is not None:  # divergence_grad's masks keep a teacher's NaN
+        check_divergence_inputs(student_logits, teacher_logits, kind)
     return sums
 
 

@@ -105,9 +105,11 @@ def _kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
     where() rather than xlogy: p_t == 0 with log p_t == -inf would otherwise give 0 · -inf = nan, and xlogy's
     gradient with respect to a teacher probability of 0 is log 0 (a teacher that requires grad would get nan).
     `!= 0` rather than `> 0`: a NaN p_t must reach the value (`> 0` would drop it and leave the loss finite while
-    its gradient is NaN), where the loss's finiteness check finds it."""
+    its gradient is NaN), where the loss's finiteness check finds it. The where() is inside the product: where
+    p_t == 0 the difference is -inf for a teacher logit of -inf (a top-k cache's rows), and the product's
+    gradient w.r.t. p_t, that difference times 0, would be NaN."""
     p_t = log_pt.exp()
-    return torch.where(p_t != 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
+    return (p_t * torch.where(p_t != 0, log_pt - log_ps, 0.0)).sum(-1)
 
 
 def _checked(loss: Tensor, teacher_logits: Tensor, keep: Tensor | None) -> Tensor:
@@ -190,7 +192,7 @@ def soft_target_cross_entropy(
     _check_reduction(reduction, _ROW_REDUCTIONS)
     T, leading, keep, log_ps, log_pt = _soft_rows(student_logits, teacher_logits, temperature, mask)
     p_t = log_pt.exp()
-    per_row = -torch.where(p_t != 0, p_t * log_ps, 0.0).sum(-1)  # != 0: a NaN target reaches the value (_kl_rows)
+    per_row = -(p_t * torch.where(p_t != 0, log_ps, 0.0)).sum(-1)  # where() as in _kl_rows
     if t2_scaling:
         per_row = per_row * (T * T)
     return _checked(_reduce_rows(per_row, keep, leading.numel(), leading, reduction), teacher_logits, keep)
