@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -266,3 +267,55 @@ def test_a_non_finite_teacher_raises_and_a_non_finite_student_shows_in_the_loss(
             continue
         if bool(torch.isfinite(value).all()):
             _finite_with_grad(loss, student, t)
+
+
+# ---------------------------------------------------------------- regressions: what the properties found
+
+
+def test_topk_bucket_of_identical_saturated_logits_is_zero():
+    """The teacher's rest (1 - its top-k mass) rounded to ~1e-3 instead of exp(-1e4), and was compared with the
+    student's exact rest: identical student and teacher gave 0.53 (float32, T = 1), with gradients to match."""
+    t = torch.zeros(4, 6)
+    t[3, 4:] = 1e4
+    s = t.clone().requires_grad_()
+    loss = topk_kd_loss(s, t, 2, rest="bucket")
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-3 and float(s.grad.abs().max()) < 1e-3
+    # from a cache's stored logsumexp, with every class kept: no rest bucket, so the stored value is not needed
+    from distill.losses.topk import topk_kd_loss_from_indices
+
+    values, idx = t.topk(6, dim=-1)
+    wrong_by_rounding = torch.logsumexp(t, -1) + 1e-3
+    full = topk_kd_loss_from_indices(t, values, idx, rest="bucket", teacher_logsumexp=wrong_by_rounding)
+    assert abs(float(full)) < 1e-6
+
+
+def test_a_teacher_that_requires_grad_gets_finite_gradients_at_minus_inf_and_empty_rest():
+    t = torch.tensor([[float("-inf"), 0.0, 1.0], [0.0, 100.0, 0.0]], requires_grad=True)
+    s = torch.randn(2, 3, requires_grad=True)
+    for loss in (soft_target_kl(s, t, 1.0), soft_target_cross_entropy(s, t, 1.0),
+                 dkd_loss(s, t, torch.tensor([1, 1]))[0], topk_kd_loss(s, t, 1, rest="bucket", temperature=0.01),
+                 token_divergence(s, t, "jsd").sum(), token_divergence(s, t, "skew_kl").sum()):
+        s.grad = t.grad = None
+        loss.backward()
+        assert bool(torch.isfinite(t.grad).all()) and bool(torch.isfinite(s.grad).all()), loss
+
+
+def test_skew_rkl_closed_form_gradient_stays_finite_for_a_tiny_alpha():
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    for alpha in (1e-45, 1e-20, 0.1):
+        x = s.clone().requires_grad_()
+        token_divergence(x, t, "skew_rkl", temperature=0.01, alpha=alpha).sum().backward()
+        _, g = divergence_with_grad(s, t, "skew_rkl", temperature=0.01, alpha=alpha)
+        torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reverse_kl_from_a_topk_cache_names_the_cause():
+    from distill.errors import NonFiniteError
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    t[:, 3:] = float("-inf")  # a top-k cache's rows
+    for run in (lambda: token_divergence(s, t, "reverse_kl"),
+                lambda: chunked_loss_sums(s, t, None, kind="reverse_kl", chunk_size=2)):
+        with pytest.raises(NonFiniteError, match="teacher_logits hold -inf .* reverse_kl is infinite: use forward_kl"):
+            run()
