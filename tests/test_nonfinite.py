@@ -255,3 +255,26 @@ def test_the_cli_names_step_batch_and_the_nan_teacher_in_one_line(cli_teachers, 
     # counter-check: the same command with the finite teacher trains and writes the run
     assert main(["distill", recipe, "--quiet", "--teacher", good, "--no-scratch", f"name={name}", *overrides]) == 0
     assert (runs / name / "student.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad", ["logits", "logsumexp", "features"])
+def test_a_cached_teacher_fed_nan_raises_when_a_method_asks(bad):
+    from distill.methods.hints import Hints, HintsConfig
+    from distill.signals import CachedTeacher
+
+    x, y = _batch()
+    student = _model("mlp", 1, 16)
+    logits = torch.randn(len(x), CLASSES)
+    extras = {"logsumexp": torch.logsumexp(logits, -1), "features": {"net.1": torch.randn(len(x), 32)}}
+    teacher = CachedTeacher()
+    method = Hints(HintsConfig(student_layer="net.1", teacher_layer="net.1"), teacher)
+    teacher.feed(logits, inputs=x, **extras)
+    method.setup(student, x)
+    assert torch.isfinite(method(student, x, y)[0])  # counter-check
+    if bad == "features":
+        extras["features"]["net.1"][2, 5] = float("nan")
+    else:
+        (logits if bad == "logits" else extras["logsumexp"])[2] = float("nan")
+    teacher.feed(logits, inputs=x, **extras)
+    with pytest.raises(NonFiniteError, match="the cached teacher .* hold NaN: write the teacher cache again"):
+        method(student, x, y)
