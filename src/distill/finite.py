@@ -46,7 +46,8 @@ def require_finite(x: Tensor, what: str, fix: str, *, rows: bool = False) -> Non
 
 
 def check_inputs(inputs) -> None:
-    """The float tensors of a batch's inputs (a tensor, or a dict of them: token ids and masks are integers) are finite."""
+    """NonFiniteError unless the float tensors of a batch's inputs (a tensor, or a dict of them) are finite; token
+    ids and masks are integers and pass."""
     named = inputs.items() if isinstance(inputs, dict) else [(None, inputs)]
     for name, x in named:
         if isinstance(x, Tensor):

@@ -93,9 +93,10 @@ class StepRunner:
         with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
             with self.autocast():
                 loss, parts = method(self.model, x, y)
-            if loss.device.type == "cpu" and not math.isfinite(loss.detach()):  # free on CPU; elsewhere per history row
-                raise NonFiniteError(f"the training loss became {float(loss.detach())}; lower train.lr (now {self.cfg.lr}) or "
-                                     "set train.grad_clip")
+            value = loss.detach()
+            if value.device.type == "cpu" and not math.isfinite(value):  # free on CPU; elsewhere per history row
+                raise NonFiniteError(f"the training loss became {float(value)}; lower train.lr (now {self.cfg.lr}) "
+                                     "or set train.grad_clip")
             if w is not None:
                 loss = loss * w.to(loss.dtype)
                 parts = {k: v * w.to(v.dtype) for k, v in parts.items()}

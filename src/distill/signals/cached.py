@@ -314,7 +314,8 @@ class CachedTeacher:
 
     def _check_finite(self) -> None:
         """NonFiniteError when the outputs fed hold NaN or inf (a top-k cache's logits are -inf outside its top k)."""
-        fix = "write the teacher cache again (distill cache) from a teacher with finite outputs, or use the live teacher"
+        fix = ("write the teacher cache again (distill cache) from a teacher with finite outputs, or use the live "
+               "teacher")
         require_finite(self._logits, "the cached teacher logits", fix, rows=True)
         if self._logsumexp is not None:
             require_finite(self._logsumexp, "the cached teacher logsumexp", fix)
