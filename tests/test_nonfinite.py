@@ -278,3 +278,28 @@ def test_a_cached_teacher_fed_nan_raises_when_a_method_asks(bad):
     teacher.feed(logits, inputs=x, **extras)
     with pytest.raises(NonFiniteError, match="the cached teacher .* hold NaN: write the teacher cache again"):
         method(student, x, y)
+
+
+def test_feature_transformer_and_derivative_losses_refuse_a_nan_teacher_and_show_a_nan_student():
+    from distill.losses.feature import attention_transfer_loss, hint_loss
+    from distill.losses.sobolev import sobolev_loss
+    from distill.losses.transformer import attention_kl, attention_mse, embedding_mse, hidden_cosine, hidden_mse
+
+    g = torch.Generator().manual_seed(0)
+    hidden = lambda: torch.randn(2, 3, 4, generator=g)  # noqa: E731
+    attn = lambda: torch.softmax(torch.randn(2, 2, 3, 3, generator=g), -1)  # noqa: E731
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    cases = [(hint_loss, hidden, "teacher_feature"), (lambda s, t: attention_transfer_loss(s, t), attn, "teacher_feature"),
+             (lambda s, t: sobolev_loss(s[0], t[0]), hidden, "teacher_jvp")]
+    cases += [(lambda s, t, f=f: f(s, t, mask), hidden, name) for f, name in
+              ((hidden_mse, "teacher_hidden"), (embedding_mse, "teacher_emb"), (hidden_cosine, "teacher_hidden"))]
+    cases += [(lambda s, t, f=f: f(s, t, mask), attn, "teacher_attn") for f in (attention_kl, attention_mse)]
+    for loss, make, name in cases:
+        s, t = make(), make()
+        assert torch.isfinite(loss(s, t))  # counter-check
+        t[0, 1, 1] = float("nan")  # a kept position
+        with pytest.raises(NonFiniteError, match=f"{name} hold NaN"):
+            loss(s, t)
+        t[0, 1, 1] = 0.5
+        s[0, 1, 1] = float("nan")
+        assert torch.isnan(loss(s, t))  # the student's own NaN: in the loss, for the loop to report
