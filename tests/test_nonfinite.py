@@ -303,3 +303,15 @@ def test_feature_transformer_and_derivative_losses_refuse_a_nan_teacher_and_show
         t[0, 1, 1] = 0.5
         s[0, 1, 1] = float("nan")
         assert torch.isnan(loss(s, t))  # the student's own NaN: in the loss, for the loop to report
+
+
+def test_boundary_samples_refuse_a_teacher_that_gives_nan():
+    from distill.losses.bss import boundary_samples
+
+    teacher = _model("mlp", 0, 32)
+    x, _ = _batch(8)
+    base = teacher(x).argmax(-1)
+    target = (base + 1) % CLASSES
+    assert torch.isfinite(boundary_samples(teacher, x, base, target)).all()  # counter-check
+    with pytest.raises(NonFiniteError, match="the teacher.s logits hold NaN"):
+        boundary_samples(_poisoned(teacher), x, base, target)
