@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a mistake in one line (no usage block), like every other bad input."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"distill: error: {message} (see `{self.prog} --help`)\n")
 
 
 def positive_int(text: str) -> int:

@@ -23,7 +23,8 @@ from distill.tracking import TRACKERS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no inf / nan in any number (also through the API's TrainConfig): an infinite learning rate fails only in training
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 PACKED_TARGETS = ("data.targets (sequence-level KD) continues each row's prompt, and packed blocks have none: set "

@@ -47,12 +47,12 @@ def check_schedule(train, rows: int, role: str, method=None) -> None:
 
     plan = plan_training(train, math.ceil(rows / train.batch_size), role, quiet=True)
     check_warmup(train, plan, role)
-    for field, limit in (("warmup_epochs", plan.epochs), ("hint_epochs", plan.epochs - 1)):
+    for field, limit, never in (("warmup_epochs", plan.epochs, "the loss never reaches its full weight"),
+                                ("hint_epochs", plan.epochs - 1, "the KD loss is never added")):
         value = getattr(method, field, None) or 0
         if value > limit:
-            after = "reaches its full weight" if field == "warmup_epochs" else "ever adds the KD loss"
-            raise UserError(f"{role}: distill.{field}={value} but it trains {plan.epochs} epochs, so the loss never "
-                            f"{after}: lower distill.{field} or train longer")
+            raise UserError(f"{role}: distill.{field}={value} but it trains {plan.epochs} epochs, so {never}: lower "
+                            f"distill.{field} or train longer")
 
 
 def layer_fields(config) -> tuple[list[str], list[str]]:
