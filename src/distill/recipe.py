@@ -345,6 +345,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = text
         node = raw
         parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"override {item!r}: {key!r} has an empty part: write e.g. distill.temperature=8")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -411,14 +413,26 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise UserError(f"{source}: {describe_error(e.errors()[0], raw)}") from None
 
 
-def check_finite(node: Any, source: str = "recipe", where: str = "") -> None:
+MAX_RECIPE_NODES = 100_000  # far beyond any real recipe; YAML aliases can make a short file a huge (or endless) tree
+
+
+def check_finite(node: Any, source: str = "recipe") -> None:
     """No number in a recipe may be inf or nan (YAML's .inf, .nan): such a learning rate or temperature would fail
-    only after minutes of training, and a pydantic bound such as gt=0 lets inf through."""
-    if isinstance(node, float) and not math.isfinite(node):
-        raise UserError(f"{source}: {where or 'recipe'}: {node} is not a finite number: give a finite value")
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in items:
-        check_finite(child, source, f"{where}.{key}" if where else str(key))
+    only after minutes of training, and a pydantic bound such as gt=0 lets inf through. Walked with a budget and
+    refusing loops, so a YAML alias that refers to itself, or nested aliases (a "billion laughs"), end in one line."""
+    stack, seen = [(node, "", ())], 0
+    while stack:
+        node, where, parents = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise UserError(f"{source}: more than {MAX_RECIPE_NODES:,} values (YAML aliases repeated?): write a plain recipe")
+        if isinstance(node, float) and not math.isfinite(node):
+            raise UserError(f"{source}: {where or 'recipe'}: {node} is not a finite number: give a finite value")
+        if isinstance(node, (dict, list)):
+            if id(node) in parents:
+                raise UserError(f"{source}: {where or 'recipe'} contains itself (a YAML alias loop): write the value out")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack += [(child, f"{where}.{key}" if where else str(key), (*parents, id(node))) for key, child in items]
 
 
 def describe_error(err: dict, raw: dict) -> str:
