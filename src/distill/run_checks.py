@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from distill.errors import UserError
 
 # the fewest rows a split may have, and why: a model cannot learn from fewer training rows, and a score on fewer
@@ -65,15 +67,24 @@ def layer_fields(config) -> tuple[list[str], list[str]]:
     return names("student_layer", "student_layers"), names("teacher_layer", "teacher_layers")
 
 
-def check_layers(config, teacher, student) -> None:
-    """The layers a feature method names exist: resolved on the networks as built, before the teacher trains
-    (teacher None: a stored cache stands in for it, and the cache check covers its layers)."""
+def check_layers(config, teacher, student, rows) -> None:
+    """The layers a feature method names exist and give what it needs (attention: 4-D maps), checked on the networks
+    as built, before the teacher trains: the method's setup reads their outputs' shapes on two of `rows` without
+    side effects (features.probe). teacher None: a stored cache stands in for it, and the cache check covers it."""
+    from distill.data.arrays import gather
     from distill.features import resolve_layers
+    from distill.methods import build_method
+    from distill.signals import LiveTeacher
 
     students, teachers = layer_fields(config)
+    if not students and not teachers:
+        return
     resolve_layers(student, students, "student")
-    if teacher is not None:
-        resolve_layers(teacher, teachers, "teacher")
+    if teacher is None:
+        return
+    resolve_layers(teacher, teachers, "teacher")
+    x = rows.x[:2] if isinstance(getattr(rows, "x", None), torch.Tensor) else gather(rows, [0, 1])[0]
+    build_method(config, LiveTeacher(teacher)).setup(student, x)
 
 
 def run_warnings(models: dict, baseline: float | None, metric: str) -> list[str]:

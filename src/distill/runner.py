@@ -140,7 +140,8 @@ class Experiment:
             checked(name, check_schedule, train, rows, role, method)
         if "student" in stages:
             for name, stage in self.distilled.items():
-                checked(name, check_layers, stage.distill, self.teacher if live else None, self.student_init)
+                checked(name, check_layers, stage.distill, self.teacher if live else None, self.student_init,
+                        self.student_rows)
 
     def _check_transfer(self) -> None:
         t, data = self.recipe.transfer, self.data
