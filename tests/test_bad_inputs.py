@@ -8,9 +8,10 @@ Cases build their inputs on the spot in a few milliseconds (tiny files, models f
 
 from __future__ import annotations
 
-import gzip
+import atexit
 import json
-import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,25 @@ def generated(t: Path) -> str:
     return str(t / "gen")
 
 
+_TRAINED: dict[str, Path] = {}
+
+
+def trained() -> Path:
+    """A finished tiny digits run (teacher, scratch, student), trained once for the cases that need one (~2 s)."""
+    if "run" not in _TRAINED:
+        folder = Path(tempfile.mkdtemp(prefix="distill-bad-inputs-"))
+        atexit.register(shutil.rmtree, folder, True)
+        raw = tiny_recipe(folder, name="done")
+        raw["teacher"]["train"]["epochs"] = raw["student"]["train"]["epochs"] = 1
+        assert main(["run", _yaml(folder, raw), "--quiet"]) == 0
+        _TRAINED["run"] = folder / "runs" / "done"
+    return _TRAINED["run"]
+
+
+def teacher(t: Path) -> str:
+    return str(trained() / "teacher.safetensors")
+
+
 def hints(t: Path, student_layer="net.0", teacher_layer="net.0", **extra) -> str:
     return digits(t, distill={"method": "hints", "student_layer": student_layer, "teacher_layer": teacher_layer, **extra})
 
@@ -173,6 +193,25 @@ CLI_CASES = [
     C(lambda t: ["export", str(t / "nothing"), "--format", "onnx"], "nothing does not exist: give a finished run folder", id="export-missing-run"),
     C(lambda t: ["eval", str(t / "missing.safetensors")], "does not exist", id="eval-missing-checkpoint"),
     C(lambda t: ["eval", teacher_pt(t)], "not a safetensors file", id="eval-pickle"),
+    C(lambda t: ["methods", "kd"], "unrecognized arguments: kd", id="methods-with-an-argument"),
+    # commands on a trained run
+    C(lambda t: ["eval", str(trained() / "student.safetensors"), "data.nope=1"], "unknown key 'data.nope'", id="eval-unknown-override"),
+    C(lambda t: ["eval", str(trained() / "student.safetensors"), "student.train.lr=1"], "has no effect on a saved model: only data.key=value", id="eval-non-data-override"),
+    C(lambda t: ["export", str(trained()), "--format", "tflite"], "unknown export format 'tflite'", id="export-unknown-format"),
+    C(lambda t: ["export", str(trained()), "--format", "onnx", "--quantize", "int4"], "unknown quantization 'int4'", id="export-int4"),
+    C(lambda t: ["export", str(trained()), "--format", "onnx", "--role", "nope"], "has no 'nope' model", id="export-unknown-role"),
+    C(lambda t: ["distill", digits(t), "--teacher", teacher(t), "data.split_seed=5"], "data.split_seed=0",
+      id="teacher-of-another-split"),
+    C(lambda t: ["distill", table(t, 60), "--teacher", teacher(t)], "was trained with data.dataset='digits' but the recipe has 'table'", id="teacher-of-another-dataset"),
+    C(lambda t: ["distill", digits(t), "--teacher", teacher(t), "teacher.train.lr=1"], "the teacher is loaded",
+      id="override-of-a-loaded-teacher"),
+    C(lambda t: ["cache", digits(t), "--teacher", teacher(t), "--out", "c", "--features", "nope"], "no layer named 'nope'",
+      id="cache-unknown-feature-layer"),
+    C(lambda t: ["distill", digits(t), "--teacher", teacher(t), f"teacher.cache={trained()}"], "is not a teacher cache",
+      id="cache-folder-that-is-a-run"),
+    C(lambda t: ["distill", digits(t), "--teacher", teacher(t), "teacher.precision=fp16",
+                 "distill={method: hints, student_layer: net.0, teacher_layer: net.0}"], "teacher.precision: fp32",
+      id="hints-with-a-half-teacher"),
     # the recipe file and its overrides
     C(lambda t: ["run", str(t / "absent.yaml")], "not found", id="recipe-missing"),
     C(lambda t: ["run", _write_text(t, "")], "is empty", id="recipe-empty"),
@@ -309,11 +348,11 @@ def _assert_one_line(code, out, err, phrase):
 def test_bad_input_is_one_line(make_args, phrase, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = make_args(tmp_path)
-    before = _files(tmp_path)
+    before = _files(tmp_path), _files(trained())
     monkeypatch.setattr(distill.train._Training, "run", _refuse_training)
     code, out, err = _run_cli(args, capsys)
     _assert_one_line(code, out, err, phrase)
-    assert _files(tmp_path) == before  # nothing half-written
+    assert (_files(tmp_path), _files(trained())) == before  # nothing half-written
 
 
 def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, capsys, monkeypatch):

@@ -67,7 +67,7 @@ def layer_fields(config) -> tuple[list[str], list[str]]:
     return names("student_layer", "student_layers"), names("teacher_layer", "teacher_layers")
 
 
-def check_layers(config, teacher, student, rows) -> None:
+def check_layers(config, teacher, student, rows, precision: str = "fp32") -> None:
     """The layers a feature method names exist and give what it needs (attention: 4-D maps), checked on the networks
     as built, before the teacher trains: the method's setup reads their outputs' shapes on two of `rows` without
     side effects (features.probe). teacher None: a stored cache stands in for it, and the cache check covers it."""
@@ -83,6 +83,9 @@ def check_layers(config, teacher, student, rows) -> None:
     if teacher is None:
         return
     resolve_layers(teacher, teachers, "teacher")
+    if precision != "fp32":  # (a half copy of the teacher is made only when distilling)
+        raise UserError(f"distill.method={config.method} reads the teacher's layers in float32, and teacher.precision "
+                        f"is {precision}: set teacher.precision: fp32")
     x = rows.x[:2] if isinstance(getattr(rows, "x", None), torch.Tensor) else gather(rows, [0, 1])[0]
     build_method(config, LiveTeacher(teacher)).setup(student, x)
 

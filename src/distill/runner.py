@@ -141,7 +141,7 @@ class Experiment:
         if "student" in stages:
             for name, stage in self.distilled.items():
                 checked(name, check_layers, stage.distill, self.teacher if live else None, self.student_init,
-                        self.student_rows)
+                        self.student_rows, r.teacher.precision)
 
     def _check_transfer(self) -> None:
         t, data = self.recipe.transfer, self.data
