@@ -188,6 +188,8 @@ CLI_CASES = [
     C(lambda t: ["generate", translation(t), "--out", "g", "--beam", "0"], "--beam: must be", id="generate-beam-0"),
     C(lambda t: ["generate", digits(t), "--out", "g", "--teacher", "x"], "writes translations or language-model",
       id="generate-on-digits"),
+    C(lambda t: ["generate", translation(t), "--out", "g", "--teacher", "x", "--beam", "2", "--k-best", "3"],
+      "k_best 3 must be at most beam 2", id="generate-more-best-than-beam"),
     C(lambda t: ["generate", translation(t), "--out", "g"], "distill generate needs a teacher", id="generate-without-teacher"),
     C(lambda t: ["export", "runs/none"], "required: --format", id="export-without-format"),
     C(lambda t: ["export", str(t / "nothing"), "--format", "onnx"], "nothing does not exist: give a finished run folder", id="export-missing-run"),

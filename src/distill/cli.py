@@ -127,7 +127,9 @@ def cmd_cache(args):
 def cmd_generate(args):
     from distill.data import LM_DATASETS
     from distill.generate import generate, model_sha256
-    from distill.recipe import PACKED_TARGETS
+    from pydantic import ValidationError
+
+    from distill.recipe import PACKED_TARGETS, GenerateConfig
     from distill.tasks import make_task
     from distill.transfer import recipe_rows
 
@@ -140,13 +142,17 @@ def cmd_generate(args):
                         f"en-es, parallel, {', '.join(LM_DATASETS)}, not {recipe.data.dataset}")
     if recipe.data.pack:
         raise UserError(PACKED_TARGETS)
+    given = {k: getattr(args, k) for k in ("beam", "k_best", "batch_size", "shard_size") if getattr(args, k) is not None}
+    g = {**recipe.generate.model_dump(), **given}  # the recipe's decoding settings, unless an option says otherwise
+    try:  # before the teacher is loaded: e.g. --k-best larger than --beam
+        GenerateConfig.model_validate(g)
+    except ValidationError as e:
+        raise UserError(f"distill generate: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    beam, k_best = g["beam"], g["k_best"]
     task = make_task(recipe, teacher_path)
     data = task.load_data()
     teacher = task.load_model(teacher_path, data)
     rows = recipe_rows(recipe, data.train)[1]  # the rows the students learn from
-    given = {k: getattr(args, k) for k in ("beam", "k_best", "batch_size", "shard_size") if getattr(args, k) is not None}
-    g = {**recipe.generate.model_dump(), **given}  # the recipe's decoding settings, unless an option says otherwise
-    beam, k_best = g["beam"], g["k_best"]
     try:
         manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=beam,
                             k_best=k_best, max_new_tokens=g["max_new_tokens"], sample=g["sample"],
