@@ -330,10 +330,7 @@ def _refuse_training(*args, **kwargs):
 
 def _run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     capsys.readouterr()  # what building the inputs printed
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
+    code = main(args)  # argparse's refusals too: an exit status, not SystemExit
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a mistake in one line (no usage block), like every other bad input."""
 
     def error(self, message):
-        self.exit(2, f"distill: error: {message} (see `{self.prog} --help`)\n")
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def positive_int(text: str) -> int:
@@ -302,11 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
-    argv = [a for a in argv if a != "--debug"]
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     # overrides may come after options (`distill run r.yaml --quiet seed=1`): collect stray key=value items too
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "items") and not hasattr(args, "overrides")]
@@ -315,11 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         target = "items" if hasattr(args, "items") else "overrides"
         setattr(args, target, [*getattr(args, target), *extra])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     from distill.train import end_distributed  # under torchrun / accelerate launch: a clean exit for every process
 
     from distill.students.imported import allowed_imports
 
     try:
+        args = parse(build_parser(), argv)
         with allowed_imports(getattr(args, "allow_import", None)):
             args.func(args)
     except UserError as e:
