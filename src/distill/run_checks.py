@@ -1,8 +1,9 @@
 """Checks of a run, before and after it.
 
-Before anything trains (`preflight`, called by the runner once the data is loaded and the models are built): each
-split has the rows its purpose needs, every stage's learning-rate warm-up is shorter than its training, and the
-layers a feature method names exist in the networks. A mistake found here costs seconds, not a trained teacher.
+Before anything trains (called by the runner's `Experiment._preflight` once the data is loaded and the models are
+built): each split has the rows its purpose needs, every stage's warm-up and its method's epoch schedule end before
+its training does, and the layers a feature method names exist in the networks and give what it needs. A mistake
+found here costs seconds, not a trained teacher.
 
 After a run (`run_warnings`): what a user should hear even when nothing failed: a model that learnt nothing usable,
 a student that is not smaller than its teacher. One line each, in the log, in results.json ("warnings") and in
@@ -39,7 +40,7 @@ def check_rows(rows: int, role: str) -> None:
     minimum = MIN_ROWS["train"][0]
     if rows < minimum:
         raise UserError(f"{role} would train on {rows} rows; it needs at least {minimum}: give more training "
-                        "rows (or a larger transfer.heldout_fraction / fewer unlabelled rows)")
+                        "rows, or change transfer.heldout_fraction / data.unlabelled_fraction")
 
 
 def check_schedule(train, rows: int, role: str, method=None) -> None:
