@@ -120,6 +120,17 @@ def images(t: Path, size: int) -> str:
     return digits(t, data={"dataset": "image-folder", "path": str(t / "img"), "image_size": [8, 8]})
 
 
+def csv(t: Path, text: str) -> str:
+    (t / "t.csv").write_text(text)
+    return digits(t, data={"dataset": "table", "path": str(t / "t.csv")})
+
+
+def corrupt_image(t: Path) -> str:
+    recipe = images(t, 8)
+    (t / "img" / "a" / "3.png").write_bytes(b"not a png")
+    return recipe
+
+
 def teacher_pt(t: Path) -> str:
     torch.save({"w": torch.zeros(3)}, t / "teacher.pt")
     return str(t / "teacher.pt")
@@ -286,6 +297,27 @@ CLI_CASES = [
     C(lambda t: ["distill", digits(t), "--teacher", str(t / "none.safetensors")], "does not exist", id="teacher-missing"),
     C(lambda t: ["run", digits(t), f"output_dir={_write_text(t, 'x', 'afile')}"], "cannot write the run folder",
       id="output-dir-is-a-file"),
+    C(lambda t: ["run", table(t, 60), "transfer.rows=heldout", "transfer.heldout_fraction=0.95"],
+      "teacher would train on 2 rows; it needs at least 10", id="heldout-leaves-the-teacher-no-rows"),
+    C(lambda t: ["train", digits(t), "teacher.train.max_steps=5", "teacher.train.warmup_steps=5"],
+      "train.warmup_steps=5 is 5 warm-up steps, not shorter than the whole training (5", id="warmup-as-long-as-max-steps"),
+    C(lambda t: ["run", digits(t), "assistants=[{model: {hidden: [32]}, train: {epochs: 1, warmup_epochs: 5}}]"],
+      "assistants[0]: train.warmup_epochs=5.0", id="assistant-warmup"),
+    C(lambda t: ["run", digits(t), "variants={a: {student: {model: {hidden: [3]}}}}"], "variants.a.student.model: a variant",
+      id="variant-changes-the-network"),
+    C(lambda t: ["distill", digits(t), "teacher.ensemble={checkpoints: [a.safetensors, b.safetensors]}"],
+      "a.safetensors does not exist", id="ensemble-of-missing-files"),
+    C(lambda t: ["run", csv(t, "")], "as CSV (No columns to parse", id="csv-empty"),
+    C(lambda t: ["run", csv(t, "a,b,label\n" + "".join(f"x{i},{i},{i % 2}\n" for i in range(60)))],
+      "Feature column 'a'", id="csv-text-feature"),
+    C(lambda t: ["run", csv(t, "a,b,label\n" + "".join(f",{i},{i % 2}\n" for i in range(60)))],
+      "has 60 missing or infinite value(s)", id="csv-missing-values"),
+    C(lambda t: ["run", csv(t, "a,b,label\n" + "".join(f"{i},{i},0\n" for i in range(60)))],
+      "has 1 distinct value(s): a classifier needs at least 2 classes", id="csv-one-class"),
+    C(lambda t: ["run", table(t, 60), "data.feature_columns=[zz]"], "Feature column(s) 'zz' not in", id="csv-unknown-feature"),
+    C(lambda t: ["run", corrupt_image(t)], "3.png (UnidentifiedImageError", id="image-corrupt"),
+    C(lambda t: ["eval", str(t)], "has no distill.json", id="eval-a-folder-of-nothing"),
+    C(lambda t: ["export", str(t), "--format", "onnx"], "is neither a finished run", id="export-a-folder-of-nothing"),
     # translation
     C(lambda t: ["run", parallel_file(t, "source\ttarget\nthe film\tla película\nno tab here\n")],
       "line 3: 1 tab-separated column", id="tsv-line-without-tab"),
@@ -324,6 +356,9 @@ CLI_CASES = [
                                                  {"role": "assistant", "content": "was good"}]}] * 30)],
       "chat template", id="lm-chat-without-template"),
     C(lambda t: ["run", lm_gpt2s(t)], "has its own tokenizer, different from the teacher's", id="lm-mismatched-tokenizers"),
+    C(lambda t: ["run", lm(t, {"path": _write_text(t, "the film was good .\nthe plot .\nok .\n", "e.txt")})],
+      "the val split has no examples", id="lm-three-documents"),
+    C(lambda t: ["run", lm(t, {"path": _write_text(t, "", "e.txt")})], "holds no examples", id="lm-empty-file"),
     C(lambda t: ["run", lm(t), "student.model.max_positions=16"], "takes at most 16 positions", id="lm-context-too-short"),
     C(lambda t: ["run", lm(t), "data.pack=true", "data.targets=auto"], "packed blocks have none", id="lm-pack-with-targets"),
     C(lambda t: ["run", lm(t), "data.target_choice=closest"], "target_choice: closest picks a translation",
