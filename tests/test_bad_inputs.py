@@ -131,6 +131,14 @@ def corrupt_image(t: Path) -> str:
     return recipe
 
 
+def saved_table_model(t: Path) -> str:
+    """An untrained table classifier (2 features, 2 classes) saved by the API without its data."""
+    from distill.api import Distiller
+    from distill.students import MLPConfig, build_model
+
+    return str(Distiller(None, build_model(MLPConfig(hidden=[4]), (2,), 2), method="supervised").save(t / "m"))
+
+
 def teacher_pt(t: Path) -> str:
     torch.save({"w": torch.zeros(3)}, t / "teacher.pt")
     return str(t / "teacher.pt")
@@ -317,6 +325,8 @@ CLI_CASES = [
     C(lambda t: ["run", table(t, 60), "data.feature_columns=[zz]"], "Feature column(s) 'zz' not in", id="csv-unknown-feature"),
     C(lambda t: ["run", corrupt_image(t)], "3.png (UnidentifiedImageError", id="image-corrupt"),
     C(lambda t: ["eval", str(t)], "has no distill.json", id="eval-a-folder-of-nothing"),
+    C(lambda t: ["eval", saved_table_model(t), "data.dataset=table", f"data.path={table(t, 20) and t / 't.csv'}"],
+      "table: the test split has 4 rows; it needs at least 10 for a test score", id="eval-on-a-tiny-test-split"),
     C(lambda t: ["export", str(t), "--format", "onnx"], "is neither a finished run", id="export-a-folder-of-nothing"),
     # translation
     C(lambda t: ["run", parallel_file(t, "source\ttarget\nthe film\tla película\nno tab here\n")],

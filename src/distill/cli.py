@@ -74,9 +74,11 @@ def cmd_distill(args):
 
 def cmd_eval(args):
     from distill.report import format_table, model_card
+    from distill.run_checks import check_split_sizes
     from distill.saved import load_saved
 
     model, task, data = load_saved(args.checkpoint, args.overrides, args.data_dir)
+    check_split_sizes(data, splits=("test",))  # a score on a handful of rows would be noise
     scores = dict(task.test_scores(model.eval(), data))
     card = model_card(task.timed(model), lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,

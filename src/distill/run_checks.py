@@ -23,10 +23,12 @@ MIN_ROWS = {"train": (10, "to learn from"), "val": (5, "to pick the best epoch o
             "test": (10, "for a test score that is not noise")}
 
 
-def check_split_sizes(data, val_fraction: float) -> None:
-    """Every split has at least MIN_ROWS rows; the validation split may be empty only when data.val_fraction is 0
-    (then the last epoch is kept)."""
+def check_split_sizes(data, val_fraction: float = 0.0, splits=tuple(MIN_ROWS)) -> None:
+    """Every split (of `splits`) has at least MIN_ROWS rows; the validation split may be empty only when
+    data.val_fraction is 0 (then the last epoch is kept)."""
     for split, (minimum, purpose) in MIN_ROWS.items():
+        if split not in splits:
+            continue
         n = len(getattr(data, split))
         if split == "val" and n == 0 and val_fraction == 0:
             continue
