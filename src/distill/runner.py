@@ -8,7 +8,6 @@ is never half-written; `resume=True` continues a killed run from its `.partial` 
 
 import copy
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -20,6 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
+from distill.durable import WriteError, checked_json, read_checked_json
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -171,9 +171,9 @@ class Experiment:
         log.setLevel(logging.INFO)
         try:
             results = self._run(resume)
-        except UserError:
+        except UserError as e:
             self.tracking.finish()
-            if not resume:
+            if not resume and not isinstance(e, WriteError):  # a full disk: what was written is kept for --resume
                 handler.close()
                 shutil.rmtree(self.partial, ignore_errors=True)
             raise
@@ -336,7 +336,7 @@ class Experiment:
         if resume and weights.exists() and history_file.exists():
             log.info("%s: already trained, loading %s", role, weights)
             model = self.task.load_trained(model, weights)
-            saved = json.loads(history_file.read_text())
+            saved = read_checked_json(history_file, f"delete it and {weights} to train {role} again, or rerun without --resume")
             return model, saved["history"], saved["train_seconds"], epochs_run(saved["history"])
         t0 = time.perf_counter()
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
@@ -347,7 +347,7 @@ class Experiment:
         model = accelerator.unwrap_model(model)
         if self.main:
             self.task.save_model(model, weights, record)
-            atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
+            atomic_write_text(history_file, checked_json({"history": result.history, "train_seconds": result.train_seconds}))
         return model, result.history, result.train_seconds, epochs_run(result.history)
 
     def _publish(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.checkpoint import atomic_write_text, built_to_fit, load_model_file, load_weights, save_model
 from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.classification import data_record
@@ -208,7 +208,8 @@ class TextTask(Task):
             return self.build_model(HFConfig(path=folder), data)
         self._saved_vocab = record.get("vocab_size")  # the teacher's embedding rows may exceed the tokenizer's
         try:
-            model = self.build_model(config, data)
+            # sizes come from distill.json: checked against the weights' shapes before anything is allocated
+            model = built_to_fit(lambda: self.build_model(config, data), path / "model.safetensors", str(path))
         finally:
             self._saved_vocab = None
         load_weights(model, load_model_file(path / "model.safetensors")[0], source=str(path))
