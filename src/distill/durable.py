@@ -164,3 +164,39 @@ def read_checked_json(path, fix: str, required: bool = True) -> dict:
     if obj[CHECKSUM_KEY] != _digest(body):
         raise UserError(f"{path} is damaged (its sha256 does not match its content); {fix}")
     return body
+
+
+# ----------------------------------------------------------------------------- folders: one manifest of sha256s
+SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks it too
+
+
+def seal(folder) -> None:
+    """Write folder/SHA256SUMS listing the sha256 of every file under `folder` (temp files of writes excepted)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS and not _is_temp(p))
+    atomic_write_text(folder / SUMS, "".join(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
+
+
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def check_sealed(folder, fix: str, names=None) -> None:
+    """Check `names` (default: every file listed) against folder/SHA256SUMS, if the folder has one (folders written
+    before it existed have none). A damaged or missing file is a UserError naming it and `fix`."""
+    folder = Path(folder)
+    sums = folder / SUMS
+    if not sums.is_file():
+        return
+    listed = {}
+    for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise UserError(f"{sums} is damaged (a line is not '<sha256>  <file>'); {fix}")
+        listed[name] = digest
+    for name in listed if names is None else [n for n in names if n in listed]:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing (listed in {sums}); {fix}")
+        if file_sha256(path) != listed[name]:
+            raise UserError(f"{path} is damaged (its sha256 differs from {sums}); {fix}")

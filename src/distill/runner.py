@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
-from distill.durable import WriteError, checked_json, read_checked_json
+from distill.durable import WriteError, check_sealed, checked_json, read_checked_json, seal
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -335,6 +335,8 @@ class Experiment:
         history_file = self.partial / f"{role}.history.json"
         if resume and weights.exists() and history_file.exists():
             log.info("%s: already trained, loading %s", role, weights)
+            if weights.is_dir():  # a text model's folder (a .safetensors file checks its own sha256)
+                check_sealed(weights, f"delete it to train {role} again, or rerun without --resume")
             model = self.task.load_trained(model, weights)
             saved = read_checked_json(history_file, f"delete it and {weights} to train {role} again, or rerun without --resume")
             return model, saved["history"], saved["train_seconds"], epochs_run(saved["history"])
@@ -356,6 +358,7 @@ class Experiment:
         shutil.rmtree(self.partial / "teacher-cache", ignore_errors=True)
         for f in self.partial.glob("*.history.json"):
             f.unlink()
+        seal(self.partial)  # SHA256SUMS of every file of the run (export checks results.json against it)
         old = self.out.with_name(self.out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed in the middle of this swap
         if self.out.exists():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.durable import check_sealed, seal, writing
 from distill.checkpoint import atomic_write_text, built_to_fit, load_model_file, load_weights, save_model
 from distill.errors import UserError
 from distill.tasks.base import Task
@@ -174,16 +175,22 @@ class TextTask(Task):
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if hasattr(model, "hf"):
-            model.hf.save_pretrained(tmp, safe_serialization=True)
-        else:
-            record = {**record, "vocab_size": model.embedding.num_embeddings}
-            save_model(tmp / "model.safetensors", model, record)
-        self.tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / RECORD, json.dumps(record, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with writing(folder):  # a full disk: one line, and the folder is as it was
+            try:
+                tmp.mkdir(parents=True)
+                if hasattr(model, "hf"):
+                    model.hf.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    record = {**record, "vocab_size": model.embedding.num_embeddings}
+                    save_model(tmp / "model.safetensors", model, record)
+                self.tokenizer.save_pretrained(tmp)
+                atomic_write_text(tmp / RECORD, json.dumps(record, indent=1))
+                seal(tmp)  # SHA256SUMS of every file, checked by read_record and when a run resumes
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
 
     def load_model(self, folder: str, data) -> nn.Module:
         """A model saved by save_model (or a plain transformers folder) with this run's labels."""
@@ -236,6 +243,7 @@ def read_record(folder) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} has no {RECORD}: it was not written by distill; give a run's model folder "
                         "(runs/NAME/student) or a .safetensors file")
+    check_sealed(folder, "save or copy the model again (for a run: rerun it)")
     try:
         record = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
