@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distill.durable import AtomicTarget, atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir  # noqa: F401
+from distill.durable import atomic_write_bytes, atomic_write_text  # noqa: F401 (atomic_write_text: kept importable here)
 from distill.errors import UserError
 
 __all__ = [
@@ -224,17 +224,25 @@ def _config(metadata: dict, path) -> dict:
 _MAX_UNSAVED_BYTES = 256 << 20  # non-persistent buffers (masks, rotary tables) a described model may add
 
 
-def built_to_fit(build, path, source: str | None = None) -> nn.Module:
+def built_to_fit(build, path, source: str | None = None, *, own_code: bool = False) -> nn.Module:
     """``build()``, but only after the same call on the meta device (no memory) gives a model whose tensor names and
     shapes are those in the safetensors file at ``path`` (read from its header alone). So a description in a file's
-    metadata cannot make us allocate more than the file's own weights (plus a bounded margin of unsaved buffers)."""
+    metadata cannot make us allocate more than the file's own weights (plus a bounded margin of unsaved buffers).
+    own_code: the model is the user's own class (allowed by --allow-import), which may not build on the meta
+    device (e.g. it computes a size with a tensor); then it is built as the user's code says, and loading the
+    weights still checks every shape."""
     import torch
 
     source = source or str(path)
     header, _ = _read_header(Path(path))
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    with torch.device("meta"):
-        ghost = build()
+    try:
+        with torch.device("meta"):
+            ghost = build()
+    except Exception:
+        if not own_code:
+            raise
+        return build()
     expected = ghost.state_dict()
     problems = _mismatches({k: tuple(t.shape) for k, t in expected.items()}, shapes)
     if problems:

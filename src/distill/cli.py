@@ -294,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with allowed_imports(getattr(args, "allow_import", None)):
             args.func(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        from distill.durable import write_error
+
+        if isinstance(e, OSError) and (e := write_error(e.filename or "a file", e)) is None:
+            raise  # an OSError that is not the disk's refusal (full, no permission): a bug to see whole
         end_distributed(wait=False)
         print(f"distill: error: {e}", file=sys.stderr)
         return 2

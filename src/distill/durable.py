@@ -162,7 +162,7 @@ def read_checked_json(path, fix: str, required: bool = True) -> dict:
         return obj
     body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
     if obj[CHECKSUM_KEY] != _digest(body):
-        raise UserError(f"{path} is damaged (its sha256 does not match its content); {fix}")
+        raise UserError(f"{path} is damaged or corrupt (its sha256 does not match its content); {fix}")
     return body
 
 

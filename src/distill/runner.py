@@ -18,8 +18,8 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
-from distill.durable import WriteError, check_sealed, checked_json, read_checked_json, seal
+from distill.checkpoint import load_model_file, load_weights, read_model_record, save_model
+from distill.durable import WriteError, atomic_write_text, check_sealed, checked_json, read_checked_json, seal
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.checkpoint import load_model_file, load_weights, save_model
+from distill.durable import atomic_write_text
 from distill.errors import UserError
 from distill.report import strict_json
 from distill.students.imported import allowed_imports

@@ -178,7 +178,7 @@ def build_from_record(record: dict, source: str) -> torch.nn.Module:
         shape, classes = record.get("input_shape"), record.get("num_classes")  # (an imported class may need neither)
         shape, classes = tuple(shape) if shape is not None else None, int(classes) if classes is not None else None
         # sizes come from the file: checked against its tensors' shapes before anything is allocated
-        return built_to_fit(lambda: build_model(config, shape, classes), source)
+        return built_to_fit(lambda: build_model(config, shape, classes), source, own_code=config.kind == "import")
     except (ValidationError, KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         if isinstance(e, UserError):
             raise

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.durable import check_sealed, seal, writing
-from distill.checkpoint import atomic_write_text, built_to_fit, load_model_file, load_weights, save_model
+from distill.checkpoint import built_to_fit, load_model_file, load_weights, save_model
+from distill.durable import atomic_write_text, check_sealed, seal, writing
 from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.classification import data_record
