@@ -8,6 +8,7 @@ re-checking the finished ones).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ from accelerate.utils import send_to_device
 from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
-from distill.durable import atomic_write_text, checked_json
+from distill.durable import atomic_write_text, checked_json, writing
 from distill.errors import UserError
 from distill.features import capture, resolve_layers
 from distill.signals.cache_format import (
@@ -201,7 +202,9 @@ def _write_shard(teacher, dataset, offsets, manifest, partial: Path, index: int,
                 for kind in kinds(manifest):
                     temps[kind] = partial / f".shard-{index:05d}.{kind}.npy.tmp"
                     dt, shape = layout(manifest, kind, rows)
-                    arrays[kind] = open_memmap(temps[kind], mode="w+", dtype=dt, shape=shape)
+                    with writing(temps[kind]):
+                        arrays[kind] = open_memmap(temps[kind], mode="w+", dtype=dt, shape=shape)
+                        _reserve(temps[kind])
             for kind, arr in arrays.items():
                 arr[a - start:b - start] = parts[kind]
             stats["io_seconds"] += time.perf_counter() - t_io
@@ -220,6 +223,20 @@ def _write_shard(teacher, dataset, offsets, manifest, partial: Path, index: int,
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
     return {"start": start, "rows": rows, "files": files}
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new (sparse) memory-mapped file now: on a full disk this is an OSError here,
+    where writing into its pages later would be a SIGBUS."""
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # (a file system that cannot: carry on)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _teacher_rows(teacher, xb, n: int, manifest: dict, first_row: int, device) -> dict[str, np.ndarray]:
