@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import distill.durable
 from conftest import tiny_recipe
-from distill.checkpoint import _read_header, load_model_file, save_model
+from distill.checkpoint import _read_header, load_model_file
 from distill.cli import main
 from distill.errors import UserError
 from distill.training_state import has_training_state

@@ -3,6 +3,7 @@ uninterrupted one, bit for bit on CPU. The killed process is tests/kill_worker.p
 itself at the N-th optimiser step of a stage, or at the K-th os.replace (a file or state folder written, not yet in
 place). The resumes run in this process."""
 
+import json
 import os
 import random
 import signal
@@ -79,8 +80,8 @@ def straight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kill")
     raw = tiny_recipe(tmp, report={"repeats": 1, "throughput_batch": 32})
     raw["teacher"]["model"]["hidden"] = [32]
-    raw["teacher"]["train"]["epochs"] = 2
-    raw["student"]["train"]["epochs"] = 2
+    raw["teacher"]["train"] |= {"epochs": 2, "save_every": 7}  # most kills then fall between two states, mid-epoch
+    raw["student"]["train"] |= {"epochs": 2, "save_every": 7}
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     counts = Counts()
@@ -91,10 +92,11 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("role", ROLES)
 def test_a_run_killed_during_a_stage_resumes_to_the_same_weights(straight, role):
     tmp, recipe, counts, want = straight
-    n = random.Random(f"stage {role}").randint(1, counts.steps[role])
+    n = random.Random(f"stage {role}").randint(8, counts.steps[role])  # after the stage's first state
     name = f"name=killed-{role}"
     killed("step", role, n, "--", "run", recipe, "--quiet", name)
-    assert (tmp / "runs" / f"killed-{role}.partial").is_dir() and not (tmp / "runs" / f"killed-{role}").exists()
+    assert (tmp / "runs" / f"killed-{role}.partial" / "state" / role).is_dir()  # resumed from it, not from the start
+    assert not (tmp / "runs" / f"killed-{role}").exists()
     assert main(["run", str(recipe), "--quiet", name, "--resume"]) == 0
     assert_same_weights(weights(tmp / "runs" / f"killed-{role}"), want)
 
@@ -122,3 +124,32 @@ def test_a_cache_killed_while_writing_continues_to_the_same_bytes(straight, monk
     assert "resumed" in capsys.readouterr().out or k <= 2  # (killed before the first shard was in place: none kept)
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
     assert files(tmp / "cache-killed") == files(tmp / "cache-straight")
+
+
+def test_a_language_model_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, capsys):
+    """The LLM case: a causal-LM run (GPT-2 teacher, Llama student from configs), its student killed in the middle of
+    an epoch between two of its states (one every 3 steps), resumed at the exact batch."""
+    from lm_fixtures import lm_recipe
+
+    raw = lm_recipe(tmp_path)
+    raw["teacher"]["train"]["epochs"] = 2
+    raw["student"]["train"] |= {"epochs": 2, "save_every": 3}
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    counts = Counts()
+    counts.run(["run", str(recipe), "--quiet", "name=straight"])
+    per_epoch = counts.steps["student"] // 2
+    n = random.Random("lm").choice([s for s in range(4, counts.steps["student"]) if s % per_epoch and s % 3])
+    killed("step", "student", n, "--", "run", recipe, "--quiet", "name=killed")
+    assert (tmp_path / "runs" / "killed.partial" / "state" / "student").is_dir()  # resumed from a state, mid-epoch
+    assert main(["run", str(recipe), "--quiet", "name=killed", "--resume"]) == 0
+    for role in ROLES:
+        a, _ = load_model_file(tmp_path / "runs" / "straight" / role / "model.safetensors")
+        b, _ = load_model_file(tmp_path / "runs" / "killed" / role / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    # a text model's folder lists its files' sha256 (SHA256SUMS): an edited config is refused, not built
+    config = tmp_path / "runs" / "killed" / "student" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 2**20}))
+    assert main(["eval", str(config.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{config} is damaged" in err and "sha256" in err, err

@@ -167,6 +167,7 @@ class Experiment:
         except OSError as e:
             raise UserError(f"cannot write the run folder {self.partial} ({e.strerror}): set output_dir to a writable folder") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler.handleError = lambda record: None  # a full disk: no traceback per log line; the next write says it
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         try:

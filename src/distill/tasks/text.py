@@ -11,14 +11,13 @@ model.safetensors; the tokenizer beside it, and distill.json describing task, la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from distill.checkpoint import built_to_fit, load_model_file, load_weights, save_model
-from distill.durable import atomic_write_text, check_sealed, seal, writing
+from distill.durable import atomic_write_text, check_sealed, checked_json, read_checked_json, seal, writing
 from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.classification import data_record
@@ -184,7 +183,7 @@ class TextTask(Task):
                     record = {**record, "vocab_size": model.embedding.num_embeddings}
                     save_model(tmp / "model.safetensors", model, record)
                 self.tokenizer.save_pretrained(tmp)
-                atomic_write_text(tmp / RECORD, json.dumps(record, indent=1))
+                atomic_write_text(tmp / RECORD, checked_json(record, indent=1))
                 seal(tmp)  # SHA256SUMS of every file, checked by read_record and when a run resumes
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -243,11 +242,9 @@ def read_record(folder) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} has no {RECORD}: it was not written by distill; give a run's model folder "
                         "(runs/NAME/student) or a .safetensors file")
-    check_sealed(folder, "save or copy the model again (for a run: rerun it)")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON: re-save the model with distill") from None
-    if not isinstance(record, dict) or "task" not in record or "model" not in record:
+    fix = "save or copy the model again (for a run: rerun it)"
+    check_sealed(folder, fix)
+    record = read_checked_json(path, fix, required=False)  # (folders saved before it carry no sha256)
+    if "task" not in record or "model" not in record:
         raise UserError(f"{path} does not describe a distill model (no task or model): re-save it with distill")
     return record
