@@ -54,7 +54,7 @@ def writing(path):
     try:
         yield
     except OSError as e:
-        err = write_error(getattr(e, "filename", None) or path, e)
+        err = write_error(path, e)  # the file the user knows of, not a temp name
         if err is None:
             raise
         raise err from None
@@ -170,10 +170,12 @@ def read_checked_json(path, fix: str, required: bool = True) -> dict:
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks it too
 
 
-def seal(folder) -> None:
-    """Write folder/SHA256SUMS listing the sha256 of every file under `folder` (temp files of writes excepted)."""
+def seal(folder, leave_out=()) -> None:
+    """Write folder/SHA256SUMS listing the sha256 of every file under `folder`, but temp files of writes and what
+    lies under the top-level names `leave_out` (about to be removed)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS and not _is_temp(p))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS and not _is_temp(p)
+                   and p.relative_to(folder).parts[0] not in leave_out)
     atomic_write_text(folder / SUMS, "".join(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
 
 

@@ -355,11 +355,11 @@ class Experiment:
 
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
-        shutil.rmtree(self.partial / "state", ignore_errors=True)
-        shutil.rmtree(self.partial / "teacher-cache", ignore_errors=True)
-        for f in self.partial.glob("*.history.json"):
-            f.unlink()
-        seal(self.partial)  # SHA256SUMS of every file of the run (export checks results.json against it)
+        leftovers = [self.partial / "state", self.partial / "teacher-cache", *self.partial.glob("*.history.json")]
+        # SHA256SUMS of every file of the run; first, so that a full disk here still leaves a run --resume finishes
+        seal(self.partial, leave_out={p.name for p in leftovers})
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         old = self.out.with_name(self.out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed in the middle of this swap
         if self.out.exists():
