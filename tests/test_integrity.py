@@ -225,3 +225,30 @@ def test_a_full_disk_stops_a_cache_with_one_line_and_the_same_command_finishes_i
     assert "resumed" in capsys.readouterr().out
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
     assert files(tmp / "cache-full") == files(tmp / "cache-straight")
+
+
+# ----------------------------------------------------------------------------- half-written cache and generate folders
+
+
+def test_a_damaged_manifest_of_a_half_written_cache_or_generation_is_refused_not_discarded(tmp_path):
+    """Their manifests are written atomically, so a kill cannot damage one: damage is refused (with how to start
+    over), where it used to be taken for "nothing done yet" and the finished shards thrown away."""
+    from distill import generate
+    from distill.data import ArrayDataset
+    from distill.signals import write_cache
+
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    data = ArrayDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    write_cache(teacher, data, tmp_path / "c", shard_rows=10)
+    shutil.copytree(tmp_path / "c", tmp_path / "d.partial")
+    manifest = tmp_path / "d.partial" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"rows": 10', '"rows": 11', 1))
+    with pytest.raises(UserError, match=r"d.partial/manifest.json is damaged.*delete .*d.partial"):
+        write_cache(teacher, data, tmp_path / "d", shard_rows=10)
+    assert len(list((tmp_path / "d.partial").glob("shard-*"))) == 4  # nothing was thrown away
+
+    partial = tmp_path / "g.partial"
+    partial.mkdir()
+    (partial / generate.MANIFEST).write_text(distill.durable.checked_json({"format": generate.FORMAT, "shards": []})[:30])
+    with pytest.raises(UserError, match=r"g.partial/manifest.json is damaged.*--restart"):
+        generate._finished_shards(partial, {})
