@@ -108,6 +108,8 @@ def test_a_run_killed_while_writing_a_file_resumes_to_the_same_weights(straight)
     killed("replace", k, "--", "run", recipe, "--quiet", "name=killed-write")
     assert main(["run", str(recipe), "--quiet", "name=killed-write", "--resume"]) == 0
     assert_same_weights(weights(tmp / "runs" / "killed-write"), want)
+    assert sorted(p.name for p in (tmp / "runs" / "killed-write").iterdir()) == sorted(
+        p.name for p in (tmp / "runs" / "straight").iterdir())  # no temp file of the killed write is left over
 
 
 def test_a_cache_killed_while_writing_continues_to_the_same_bytes(straight, monkeypatch, capsys):

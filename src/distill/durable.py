@@ -183,6 +183,13 @@ def _is_temp(p: Path) -> bool:
     return p.name.startswith(".") and p.name.endswith(".tmp")
 
 
+def remove_temp_files(folder) -> None:
+    """Delete the temp files that writes killed before their rename left under `folder` (SIGKILL runs no cleanup)."""
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def check_sealed(folder, fix: str, names=None) -> None:
     """Check `names` (default: every file listed) against folder/SHA256SUMS, if the folder has one (folders written
     before it existed have none). A damaged or missing file is a UserError naming it and `fix`."""

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from distill.durable import atomic_write_text, checked_json, read_checked_json
+from distill.durable import atomic_write_text, checked_json, read_checked_json, remove_temp_files
 from distill.errors import UserError
 
 FORMAT = "distill.generated/1"
@@ -63,6 +63,8 @@ def generate(task, teacher, rows, out, *, teacher_sha256: str, num_beams: int = 
     manifest["shards"] = _finished_shards(partial, manifest) if resume and partial.exists() else []
     if not manifest["shards"]:
         shutil.rmtree(partial, ignore_errors=True)
+    elif partial.exists():
+        remove_temp_files(partial)  # of a write the kill interrupted: not part of the data set
     try:
         partial.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -19,7 +19,8 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from distill.checkpoint import load_model_file, load_weights, read_model_record, save_model
-from distill.durable import WriteError, atomic_write_text, check_sealed, checked_json, read_checked_json, seal
+from distill.durable import (WriteError, atomic_write_text, check_sealed, checked_json, read_checked_json,
+                             remove_temp_files, seal)
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -356,6 +357,7 @@ class Experiment:
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
         leftovers = [self.partial / "state", self.partial / "teacher-cache", *self.partial.glob("*.history.json")]
+        remove_temp_files(self.partial)  # of writes a kill interrupted before --resume
         # SHA256SUMS of every file of the run; first, so that a full disk here still leaves a run --resume finishes
         seal(self.partial, leave_out={p.name for p in leftovers})
         for p in leftovers:
