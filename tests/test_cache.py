@@ -436,7 +436,7 @@ def test_cli_cache_writes_reuses_and_refuses(tmp_path, capsys):
     assert main(["cache", str(recipe_path), "--teacher", teacher_path, "--out", str(tmp_path / "val"), "--split", "val"]) == 0
     capsys.readouterr()
     assert open_cache(tmp_path / "val", dataset=data.val).n_rows == len(data.val)
-    for bad, words in ((["--top-k", "0"], "top_k"), (["--top-k", "4"], "already holds")):
+    for bad, words in ((["--top-k", "0"], "--top-k: must be a whole number >= 1"), (["--top-k", "4"], "already holds")):
         assert main(argv[:-4] + bad) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and words in err, err

@@ -91,5 +91,5 @@ def test_targets_of_another_teacher_or_an_unfinished_folder_are_refused(setup, c
     assert main(["run", recipe, "--quiet", f"data.targets={tmp_path / 'others'}", "name=x"]) == 2
     assert "distil from that teacher" in capsys.readouterr().err
     assert main(["generate", recipe, "--teacher", str(teacher), "--out", str(tmp_path / "k"), "--beam", "2", "--k-best", "3"]) == 2
-    assert "--k-best 3 must be between 1 and --beam 2" in capsys.readouterr().err
+    assert "k_best 3 must be at most beam 2" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "x").exists()

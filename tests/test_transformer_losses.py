@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.errors import UserError
+from distill.errors import NonFiniteError, UserError
 from distill.losses.transformer import attention_kl, attention_mse, embedding_mse, hidden_cosine, hidden_mse
 
 RTOL, ATOL = 1e-9, 1e-12
@@ -251,10 +251,13 @@ def test_student_zero_probability_uses_floor():
 
 
 def test_nan_at_a_kept_position_propagates():
-    # Only padding is forgiven: a nan the model produced at a real token must show in the loss.
+    # Only padding is forgiven: a nan the model produced at a real token must show, the teacher's as an error
+    # (a NaN target gives NaN gradients), the student's in the loss.
     t = _attn(2, 17).clone()
     t[0, 0, 1, 1] = math.nan
-    assert torch.isnan(attention_kl(_attn(2, 18), t, RAGGED))
+    with pytest.raises(NonFiniteError, match="teacher_attn hold NaN"):
+        attention_kl(_attn(2, 18), t, RAGGED)
+    assert torch.isnan(attention_kl(t, _attn(2, 18), RAGGED))
     h = _randn((B, L, 3), 19)
     h[1, 2, 0] = math.nan
     assert torch.isnan(hidden_mse(h, _randn((B, L, 3), 20), RAGGED))

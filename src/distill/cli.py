@@ -20,6 +20,24 @@ USAGE_EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage block), like every other bad input."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    """An option that counts something (epochs, rounds, threads, rows ...): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def _split(items: list[str]) -> tuple[str | None, list[str]]:
     """First item is the recipe unless it is a key=value override."""
     if items and "=" not in items[0]:
@@ -56,9 +74,11 @@ def cmd_distill(args):
 
 def cmd_eval(args):
     from distill.report import format_table, model_card
+    from distill.run_checks import check_split_sizes
     from distill.saved import load_saved
 
     model, task, data = load_saved(args.checkpoint, args.overrides, args.data_dir)
+    check_split_sizes(data, splits=("test",))  # a score on a handful of rows would be noise
     scores = dict(task.test_scores(model.eval(), data))
     card = model_card(task.timed(model), lambda n: task.latency_inputs(data, n))
     results = {"recipe": args.checkpoint, "task": task.name, "dataset": data.name,
@@ -109,7 +129,9 @@ def cmd_cache(args):
 def cmd_generate(args):
     from distill.data import LM_DATASETS
     from distill.generate import generate, model_sha256
-    from distill.recipe import PACKED_TARGETS
+    from pydantic import ValidationError
+
+    from distill.recipe import PACKED_TARGETS, GenerateConfig
     from distill.tasks import make_task
     from distill.transfer import recipe_rows
 
@@ -122,13 +144,17 @@ def cmd_generate(args):
                         f"en-es, parallel, {', '.join(LM_DATASETS)}, not {recipe.data.dataset}")
     if recipe.data.pack:
         raise UserError(PACKED_TARGETS)
+    given = {k: getattr(args, k) for k in ("beam", "k_best", "batch_size", "shard_size") if getattr(args, k) is not None}
+    g = {**recipe.generate.model_dump(), **given}  # the recipe's decoding settings, unless an option says otherwise
+    try:  # before the teacher is loaded: e.g. --k-best larger than --beam
+        GenerateConfig.model_validate(g)
+    except ValidationError as e:
+        raise UserError(f"distill generate: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    beam, k_best = g["beam"], g["k_best"]
     task = make_task(recipe, teacher_path)
     data = task.load_data()
     teacher = task.load_model(teacher_path, data)
     rows = recipe_rows(recipe, data.train)[1]  # the rows the students learn from
-    given = {k: getattr(args, k) for k in ("beam", "k_best", "batch_size", "shard_size") if getattr(args, k) is not None}
-    g = {**recipe.generate.model_dump(), **given}  # the recipe's decoding settings, unless an option says otherwise
-    beam, k_best = g["beam"], g["k_best"]
     try:
         manifest = generate(task, teacher, rows, args.out, teacher_sha256=model_sha256(teacher_path), num_beams=beam,
                             k_best=k_best, max_new_tokens=g["max_new_tokens"], sample=g["sample"],
@@ -198,9 +224,10 @@ def _allow_import(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: a small fast student from a large teacher.",
+    p = _Parser(prog="distill", description="Knowledge distillation: a small fast student from a large teacher.",
                                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_parser(name, help_text):
         s = sub.add_parser(name, help=help_text, description=help_text)
@@ -240,36 +267,36 @@ def build_parser() -> argparse.ArgumentParser:
     c = recipe_parser("cache", "run a teacher once over a split and store its outputs for later students")
     c.add_argument("--teacher", help="teacher weights (.safetensors written by distill); default: teacher.checkpoint of the recipe")
     c.add_argument("--out", required=True, help="cache folder to write (built as OUT.partial, resumed if killed)")
-    c.add_argument("--top-k", type=int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
+    c.add_argument("--top-k", type=positive_int, help="store only the k largest logits per row (+ classes + logsumexp); default: all logits")
     c.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="type of the stored logits and features")
     c.add_argument("--features", nargs="*", metavar="LAYER",
                    help="teacher layers whose outputs are stored too (default: those the recipe's method reads, "
                         "e.g. hints' teacher_layer; --features with no name stores none)")
     c.add_argument("--split", choices=("transfer", "train", "val", "test"), default="transfer",
                    help="rows to cache; transfer (default): the rows the students learn from, as teacher.cache needs")
-    c.add_argument("--batch-size", type=int, help="examples per teacher forward pass (default: 1024; 64 for text)")
+    c.add_argument("--batch-size", type=positive_int, help="examples per teacher forward pass (default: 1024; 64 for text)")
     c.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     c.set_defaults(func=cmd_cache)
     g = recipe_parser("generate", "the teacher's translations or completions of the training rows (sequence-level KD data)")
     g.add_argument("--teacher", help="the teacher's folder (default: teacher.checkpoint of the recipe)")
     g.add_argument("--out", required=True, help="folder to write (built as OUT.partial, continued if killed)")
-    g.add_argument("--beam", type=int, help="beam size (default: the recipe's generate.beam, 5)")
-    g.add_argument("--k-best", type=int, help="hypotheses kept per sentence (k > 1 for data.target_choice: closest; "
+    g.add_argument("--beam", type=positive_int, help="beam size (default: the recipe's generate.beam, 5)")
+    g.add_argument("--k-best", type=positive_int, help="hypotheses kept per sentence (k > 1 for data.target_choice: closest; "
                                               "default: generate.k_best, 1)")
-    g.add_argument("--batch-size", type=int, help="sentences per beam search (default: generate.batch_size, 64)")
-    g.add_argument("--shard-size", type=int, help="sentences per shard file, the unit a killed run keeps "
+    g.add_argument("--batch-size", type=positive_int, help="sentences per beam search (default: generate.batch_size, 64)")
+    g.add_argument("--shard-size", type=positive_int, help="sentences per shard file, the unit a killed run keeps "
                                                   "(default: generate.shard_size, 1000)")
     g.add_argument("--restart", action="store_true", help="discard a half-written OUT.partial instead of continuing it")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g.set_defaults(func=cmd_generate)
     b = recipe_parser("bench", "time a distillation epoch: plain PyTorch loop vs distill live, cached, student alone")
     b.add_argument("--teacher", help="teacher weights; default: an untrained teacher of the recipe's architecture (same speed)")
-    b.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round (one more runs untimed first)")
-    b.add_argument("--rounds", type=int, default=2, help="rounds of all variants, taking turns")
-    b.add_argument("--threads", type=int, help="torch threads per variant (default: torch's default)")
-    b.add_argument("--top-k", type=int, help="cache only the top k logits (default: full float32 logits)")
-    b.add_argument("--steps", type=int, default=20, help="causal LM: timed optimiser steps per variant and round")
-    b.add_argument("--rows", type=int, help="causal LM: use only this many training sequences")
+    b.add_argument("--epochs", type=positive_int, default=3, help="timed epochs per variant and round (one more runs untimed first)")
+    b.add_argument("--rounds", type=positive_int, default=2, help="rounds of all variants, taking turns")
+    b.add_argument("--threads", type=positive_int, help="torch threads per variant (default: torch's default)")
+    b.add_argument("--top-k", type=positive_int, help="cache only the top k logits (default: full float32 logits)")
+    b.add_argument("--steps", type=positive_int, default=20, help="causal LM: timed optimiser steps per variant and round")
+    b.add_argument("--rows", type=positive_int, help="causal LM: use only this many training sequences")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=cmd_bench)
     m = sub.add_parser("methods", help="list distillation methods and their parameters")
@@ -277,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     # overrides may come after options (`distill run r.yaml --quiet seed=1`): collect stray key=value items too
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "items") and not hasattr(args, "overrides")]
@@ -287,11 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         target = "items" if hasattr(args, "items") else "overrides"
         setattr(args, target, [*getattr(args, target), *extra])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     from distill.train import end_distributed  # under torchrun / accelerate launch: a clean exit for every process
 
     from distill.students.imported import allowed_imports
 
     try:
+        args = parse(build_parser(), argv)
         with allowed_imports(getattr(args, "allow_import", None)):
             args.func(args)
     except (UserError, OSError) as e:
@@ -300,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and (e := write_error(e.filename or "a file", e)) is None:
             raise  # an OSError that is not the disk's refusal (full, no permission): a bug to see whole
         end_distributed(wait=False)
+        if debug:
+            raise
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

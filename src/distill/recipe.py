@@ -4,6 +4,7 @@ Only data is read from YAML (yaml.safe_load): nothing in a recipe is imported or
 """
 
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -22,7 +23,8 @@ from distill.tracking import TRACKERS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no inf / nan in any number (also through the API's TrainConfig): an infinite learning rate fails only in training
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 PACKED_TARGETS = ("data.targets (sequence-level KD) continues each row's prompt, and packed blocks have none: set "
@@ -343,6 +345,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = text
         node = raw
         parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"override {item!r}: {key!r} has an empty part: write e.g. distill.temperature=8")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -365,11 +369,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         known = sorted(p.stem for p in builtin_recipe_path().parent.glob("*.yaml"))
         raise UserError(f"recipe {path} not found: give the path of a YAML recipe or a built-in name ({', '.join(known)})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"recipe {path} cannot be read as UTF-8 text ({type(e).__name__}): give a YAML file") from None
+    if raw is None:  # an empty file would silently train the defaults
+        raise UserError(f"recipe {path} is empty: write its sections (name, data, teacher, student, distill), or run "
+                        "without a recipe for the built-in default")
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path} must be a mapping of sections (name, data, teacher, student, distill)")
     check_overrides_apply(raw, overrides or [], stages=stages, teacher_given=teacher_given)
@@ -399,10 +406,33 @@ def check_overrides_apply(raw: dict, overrides: list[str], *, stages=None, teach
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    check_finite(raw, source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         raise UserError(f"{source}: {describe_error(e.errors()[0], raw)}") from None
+
+
+MAX_RECIPE_NODES = 100_000  # far beyond any real recipe; YAML aliases can make a short file a huge (or endless) tree
+
+
+def check_finite(node: Any, source: str = "recipe") -> None:
+    """No number in a recipe may be inf or nan (YAML's .inf, .nan): such a learning rate or temperature would fail
+    only after minutes of training, and a pydantic bound such as gt=0 lets inf through. Walked with a budget and
+    refusing loops, so a YAML alias that refers to itself, or nested aliases (a "billion laughs"), end in one line."""
+    stack, seen = [(node, "", ())], 0
+    while stack:
+        node, where, parents = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise UserError(f"{source}: more than {MAX_RECIPE_NODES:,} values (YAML aliases repeated?): write a plain recipe")
+        if isinstance(node, float) and not math.isfinite(node):
+            raise UserError(f"{source}: {where or 'recipe'}: {node} is not a finite number: give a finite value")
+        if isinstance(node, (dict, list)):
+            if id(node) in parents:
+                raise UserError(f"{source}: {where or 'recipe'} contains itself (a YAML alias loop): write the value out")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack += [(child, f"{where}.{key}" if where else str(key), (*parents, id(node))) for key, child in items]
 
 
 def describe_error(err: dict, raw: dict) -> str:

@@ -26,7 +26,7 @@ from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
 from distill.recipe import Recipe, recipe_to_yaml
 from distill.report import format_table, model_card, strict_json, write_report, write_results
-from distill.run_checks import run_warnings
+from distill.run_checks import check_layers, check_rows, check_schedule, check_split_sizes, run_warnings
 from distill.signals import TeacherEnsemble
 from distill.signals.specialists import GeneralistWithSpecialists, check_class_sets, find_class_sets, train_specialist
 from distill.students import build_model, model_config_adapter
@@ -118,7 +118,31 @@ class Experiment:
                 self.task.check_compatible(self.teacher, self.task.build_model(a.model, self.data, self.teacher), self.data)
             except UserError as e:
                 raise UserError(f"assistants[{i - 1}]: {e}") from None
+        self._preflight(live)
         self.tracking = Tracking.for_run(recipe, self.partial, self.out)  # trackers' packages checked here
+
+    def _preflight(self, live: bool) -> None:
+        """Checked before anything trains (run_checks): enough rows in every split and for every stage, each stage's
+        schedule shorter than its training, and the layers a feature method names present in the networks."""
+        r, stages = self.recipe, self.stages
+        check_split_sizes(self.data, r.data.val_fraction)
+        trained = []  # (role, train settings, rows, method): every stage this run trains
+        if "teacher" in stages and not self.teacher_given:
+            trained.append(("teacher", r.teacher.train, len(self.teacher_rows), None))
+        if "scratch" in stages:
+            trained.append(("scratch", r.student.train, len(self.task.supervised_rows(self.student_rows)), None))
+        if "student" in stages:
+            trained += [(f"assistants[{i}]", a.train, len(self.student_rows), r.distill) for i, a in enumerate(r.assistants)]
+            trained += [(name, stage.student.distill_train or stage.student.train, len(self.student_rows), stage.distill)
+                        for name, stage in self.distilled.items()]
+        for role, train, rows, method in trained:
+            name, role = (role, "student") if role in self.distilled else ("student", role)  # variants: named by checked
+            checked(name, check_rows, rows, role)
+            checked(name, check_schedule, train, rows, role, method)
+        if "student" in stages:
+            for name, stage in self.distilled.items():
+                checked(name, check_layers, stage.distill, self.teacher if live else None, self.student_init,
+                        self.student_rows, r.teacher.precision)
 
     def _check_transfer(self) -> None:
         t, data = self.recipe.transfer, self.data
@@ -161,6 +185,7 @@ class Experiment:
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
         if resume:
+            check_resumable(self.recipe, resume)
             self._check_same_recipe()
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
@@ -386,7 +411,17 @@ def _first_difference(a, b, prefix=""):
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
+def check_resumable(recipe: Recipe, resume: bool) -> None:
+    """--resume continues a killed run: its <name>.partial folder must exist (checked before the data is loaded)."""
+    out = Path(recipe.output_dir) / recipe.name
+    partial = out.with_name(out.name + ".partial")
+    if resume and not partial.is_dir():
+        done = f"; {out} is a finished run" if out.exists() else ""
+        raise UserError(f"--resume: there is no killed run to continue ({partial} does not exist{done}): run without --resume")
+
+
 def run_recipe(recipe: Recipe, *, stages=ROLES, teacher_checkpoint=None, resume=False, progress=True) -> tuple[dict, Path]:
+    check_resumable(recipe, resume)
     exp = Experiment(recipe, stages=stages, teacher_checkpoint=teacher_checkpoint, progress=progress)
     results = exp.run(resume=resume)
     return results, exp.out

@@ -19,6 +19,10 @@ def load_saved(checkpoint: str, overrides: list[str] | tuple = (), data_dir: str
     from distill.tasks.classification import build_from_record
     from distill.tasks.text import read_record
 
+    stray = [o for o in overrides if not o.startswith("data.")]
+    if stray:  # the model is fixed by the file; anything but where its data is would be silently ignored
+        raise UserError(f"override {stray[0]!r} has no effect on a saved model: only data.key=value (where its data "
+                        "is read from) applies here")
     source = checkpoint
     folder = Path(checkpoint).is_dir()  # a text model (save_pretrained folder with distill.json), or Distiller.save's
     if folder and read_record(checkpoint)["task"] == "classification":

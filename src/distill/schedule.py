@@ -30,20 +30,21 @@ def optimiser_steps(batches: int | None, grad_accum: int) -> int | None:
     return None if batches is None else -(-batches // grad_accum)
 
 
-def plan_training(cfg, batches_per_epoch: int | None, desc: str = "train") -> Plan:
-    """epochs and steps of a run: train.max_steps when set (epochs follow from it), else resolve_epochs."""
+def plan_training(cfg, batches_per_epoch: int | None, desc: str = "train", quiet: bool = False) -> Plan:
+    """epochs and steps of a run: train.max_steps when set (epochs follow from it), else resolve_epochs. quiet: no
+    log lines (a check before training plans it once more)."""
     steps = optimiser_steps(batches_per_epoch, cfg.grad_accum)
     if cfg.max_steps:
         epochs = math.ceil(cfg.max_steps / steps) if steps else UNBOUNDED_EPOCHS
-        if cfg.epochs and cfg.epochs != epochs:
+        if cfg.epochs and cfg.epochs != epochs and not quiet:
             log.info("%s: train.max_steps=%d decides the length (%s epochs), not train.epochs=%d", desc, cfg.max_steps,
                      epochs if steps else "as many", cfg.epochs)
         return Plan(epochs, steps, cfg.max_steps)
-    epochs = resolve_epochs(cfg, steps, desc)
+    epochs = resolve_epochs(cfg, steps, desc, quiet)
     return Plan(epochs, steps, epochs * steps if steps else None)
 
 
-def resolve_epochs(cfg, steps: int | None, desc: str = "train") -> int:
+def resolve_epochs(cfg, steps: int | None, desc: str = "train", quiet: bool = False) -> int:
     """Passes over the data: train.epochs when set, else DEFAULT_EPOCHS; then raised, when an epoch has `steps`
     optimisation steps, until training takes at least train.min_steps steps (default DEFAULT_MIN_STEPS when
     epochs is not set, none when it is). So small data sets get enough updates by default, and a recipe that
@@ -57,10 +58,21 @@ def resolve_epochs(cfg, steps: int | None, desc: str = "train") -> int:
         return epochs
     if min_steps and steps:
         needed = math.ceil(min_steps / steps)
-        if needed > epochs:
+        if needed > epochs and not quiet:
             log.info("%s: %d epochs of %d steps, to reach train.min_steps=%d", desc, needed, steps, min_steps)
-            epochs = needed
+        epochs = max(epochs, needed)
     return epochs
+
+
+def check_warmup(cfg, plan: Plan, desc: str = "train") -> int:
+    """The warm-up's optimiser steps; refused when it lasts as long as the whole training (the learning rate would
+    never reach train.lr, nor decay)."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * (plan.steps_per_epoch or 0))
+    if plan.total_steps is not None and warmup and warmup >= plan.total_steps:
+        given = f"warmup_steps={cfg.warmup_steps}" if cfg.warmup_steps is not None else f"warmup_epochs={cfg.warmup_epochs}"
+        raise UserError(f"{desc}: train.{given} is {warmup} warm-up steps, not shorter than the whole training "
+                        f"({plan.total_steps} optimiser steps): shorten the warm-up or train longer")
+    return warmup
 
 
 def make_scheduler(optimizer, cfg, plan: Plan) -> torch.optim.lr_scheduler.LambdaLR:
@@ -74,7 +86,7 @@ def make_scheduler(optimizer, cfg, plan: Plan) -> torch.optim.lr_scheduler.Lambd
         raise UserError(f"train.warmup_epochs={cfg.warmup_epochs} needs the number of batches in an epoch, which this "
                         "IterableDataset does not give (no __len__): set train.warmup_steps instead")
     total = max(1, plan.total_steps or 1)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * (plan.steps_per_epoch or 0))
+    warmup = check_warmup(cfg, plan, "train")
     schedule = cfg.schedule
 
     def factor(step: int) -> float:

@@ -168,12 +168,23 @@ def _in_fresh_process(*args, run=run_variant) -> dict:
     return out
 
 
+def check_counts(**counts: int | None) -> None:
+    """bench's counts (epochs, rounds, threads, steps, rows, top_k) are whole numbers >= 1 when given: refused in one
+    line before any model is built (0 epochs would leave nothing to time, threads -1 fails inside torch)."""
+    from distill.errors import UserError
+
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"bench: {name} must be a whole number >= 1, got {value!r}")
+
+
 def bench(recipe, *, teacher_path: str | None = None, epochs: int = 3, rounds: int = 2, threads: int | None = None,
           top_k: int | None = None, work_dir: str | None = None, progress=print) -> dict:
     """Time every variant `rounds` times (fresh processes, `epochs` epochs each, the first epoch of each
     process not timed); write the cache first (timed, with its I/O share). Returns all figures and ratios."""
     from distill.signals import write_cache
 
+    check_counts(epochs=epochs, rounds=rounds, threads=threads, top_k=top_k)
     threads = threads or torch.get_num_threads()
     recipe_raw = recipe.model_dump(mode="json")
     _, rows, teacher, _ = _setup(recipe_raw, teacher_path, threads)

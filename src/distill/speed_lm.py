@@ -130,7 +130,9 @@ def bench_lm(recipe, *, steps: int = 20, rounds: int = 3, threads: int | None = 
              rows: int | None = None, max_new_tokens: int = 32, work_dir: str | None = None, progress=print) -> dict:
     """Time every variant `rounds` times in fresh processes; median step time after WARMUP_STEPS, ratios."""
     from distill.signals import write_cache
+    from distill.speed import check_counts
 
+    check_counts(steps=steps, rounds=rounds, threads=threads, top_k=top_k, rows=rows, max_new_tokens=max_new_tokens)
     threads = threads or torch.get_num_threads()
     recipe_raw = recipe.model_dump(mode="json")
     _, train, teacher, _ = _setup(recipe_raw, threads, rows)

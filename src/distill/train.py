@@ -288,11 +288,9 @@ class _Training:
             t0 = time.perf_counter()
             try:
                 loss, parts = self.steps.step(batches)
-            except NonFiniteError as e:
-                raise UserError(f"{self.desc}: step {pos.step + 1} (epoch {epoch}, batch {pos.batch + 1}): {e}") from None
-            if loss.device.type == "cpu" and not math.isfinite(loss):  # free on CPU; elsewhere checked per row
-                raise UserError(f"{self.desc}: the training loss became {float(loss)} at step {pos.step + 1} (epoch "
-                                f"{epoch}); lower train.lr (now {cfg.lr}) or set train.grad_clip")
+            except NonFiniteError as e:  # teacher outputs, cached outputs, inputs, a loss's targets, or the loss
+                batch = pos.batch + 1 + getattr(e, "batch_in_step", 0)
+                raise UserError(f"{self.desc}: step {pos.step + 1} (epoch {epoch}, batch {batch}): {e}") from None
             pos.add(loss, parts, len(batches), time.perf_counter() - t0)
             self.bar.update(1)
             last = plan.total_steps is not None and pos.step >= plan.total_steps

@@ -12,13 +12,15 @@ count (one all-reduce), before any backward pass.
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from distill.errors import UserError
+from distill.errors import NonFiniteError, UserError
+from distill.finite import check_inputs
 from distill.methods.base import Method
 from distill.tasks.classification import random_shift
 
@@ -60,19 +62,11 @@ class StepRunner:
         loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)  # logged: exact sums
         parts_sum: dict[str, torch.Tensor] = {}
         for i, (batch, w) in enumerate(zip(batches, weights)):
-            x, y = batch[0], batch[1]
-            _feed_teacher(getattr(method, "teacher", None), batch, x)
-            if self.cfg.jitter:
-                x = random_shift(x, self.cfg.jitter)
-            last = i == len(batches) - 1
-            # DDP all-reduces gradients in backward: only in the step's last backward, the others accumulate
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
-                with self.autocast():
-                    loss, parts = method(self.model, x, y)
-                if w is not None:
-                    loss = loss * w.to(loss.dtype)
-                    parts = {k: v * w.to(v.dtype) for k, v in parts.items()}
-                accelerator.backward(loss)
+            try:
+                loss, parts = self._batch(batch, w, last=i == len(batches) - 1)
+            except NonFiniteError as e:
+                e.batch_in_step = i  # the loop names the batch of the epoch
+                raise
             loss_sum += loss.detach()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64)
@@ -86,6 +80,28 @@ class StepRunner:
         if self.constrain is not None:
             self.constrain()
         return loss_sum, parts_sum  # (several batches are always weighted: their weights sum to 1 over the step)
+
+    def _batch(self, batch, w, last: bool) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one batch of the step; (its loss, its parts), weighted by w (None: 1)."""
+        method, accelerator = self.method, self.accelerator
+        x, y = batch[0], batch[1]
+        check_inputs(x)  # NonFiniteError, as from the teacher's outputs and the losses' targets
+        _feed_teacher(getattr(method, "teacher", None), batch, x)
+        if self.cfg.jitter:
+            x = random_shift(x, self.cfg.jitter)
+        # DDP all-reduces gradients in backward: only in the step's last backward, the others accumulate
+        with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+            with self.autocast():
+                loss, parts = method(self.model, x, y)
+            value = loss.detach()
+            if value.device.type == "cpu" and not math.isfinite(value):  # free on CPU; elsewhere per history row
+                raise NonFiniteError(f"the training loss became {float(value)}; lower train.lr (now {self.cfg.lr}) "
+                                     "or set train.grad_clip")
+            if w is not None:
+                loss = loss * w.to(loss.dtype)
+                parts = {k: v * w.to(v.dtype) for k, v in parts.items()}
+            accelerator.backward(loss)
+        return loss, parts
 
     def _weights(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """w_i = P · n_i / N for this process's batches (module docstring)."""

@@ -36,12 +36,17 @@ def read_image(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray
     h, w = size
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices
+            warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices ...
+            # ... but not Pillow's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS): refused below
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img = img.convert("L" if grayscale else "RGB")
                 if img.size != (w, h):  # Pillow sizes are (width, height)
                     img = img.resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(img, dtype=np.float32)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"Image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's Image.MAX_IMAGE_PIXELS), "
+                        "so it may be a decompression bomb and is refused: shrink or remove that file.") from None
     except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ValueError, DecompressionBomb...
         raise UserError(f"Cannot read image {path} ({type(e).__name__}: {e}): "
                         "delete or replace that file.") from None

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
+from distill.finite import require_finite
 
 __all__ = ["boundary_samples"]
 
@@ -48,6 +49,7 @@ def boundary_samples(
     ``clamp=(lo, hi)`` keeps the samples in the data's value range after every step.
     Rows whose teacher prediction is not ``base`` to begin with are returned unchanged.
 
+    Teacher logits with NaN or inf (a broken teacher, or NaN in x) raise NonFiniteError.
     Only input gradients are taken (torch.autograd.grad w.r.t. x), so the teacher's parameters never
     receive .grad; the teacher is used as given (put it in eval mode first). Returns detached samples
     with the shape of ``x``.
@@ -78,6 +80,8 @@ def boundary_samples(
             if i:
                 adv.requires_grad_(True)
                 z = teacher(adv)
+            # argmax would take a NaN logit for the prediction and stop the sample silently
+            require_finite(z.detach(), "the teacher's logits", "check the teacher and x")
             active = z.detach().argmax(-1) == b.squeeze(1)
             if not bool(active.any()):
                 break

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import UserError
-from distill.losses.divergence import check_divergence, token_divergence
+from distill.finite import check_targets, finite, require_finite
+from distill.losses.divergence import check_divergence, check_divergence_inputs, token_divergence
 from distill.losses.divergence_grad import cross_entropy_with_grad, divergence_with_grad
 from distill.losses.hard import hard_label_loss
 
@@ -226,8 +227,11 @@ def chunked_loss_sums(student_logits: Tensor, teacher_logits: Tensor | None, lab
     if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
         raise UserError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
                         f"{tuple(student_logits.shape)}")
-    return LossSums(*_Chunked.apply(student_logits, teacher_logits, spec, _check_chunk(chunk_size),
+    sums = LossSums(*_Chunked.apply(student_logits, teacher_logits, spec, _check_chunk(chunk_size),
                                     _needs_grad(student_logits)))
+    if not finite(sums.total) and teacher_logits is not None:  # divergence_grad's masks keep a teacher's NaN
+        check_divergence_inputs(student_logits, teacher_logits, kind)
+    return sums
 
 
 def _check_projection(role: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -253,8 +257,21 @@ def fused_loss_sums(student_hidden: Tensor, student_weight: Tensor, student_bias
                             f"({n} rows, vocabulary {student_weight.shape[0]}) must have the same rows and vocabulary")
     spec = _spec(n, student_weight.shape[0], labels, kind, options, soft_weights, hard_weights, teacher_hidden is not None)
     need = (_needs_grad(student_hidden), _needs_grad(student_weight), _needs_grad(student_bias))
-    return LossSums(*_Fused.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+    sums = LossSums(*_Fused.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, spec, _check_chunk(chunk_size), need))
+    if not finite(sums.total) and teacher_hidden is not None:
+        _check_fused_teacher(teacher_hidden, teacher_weight, teacher_bias, chunk_size)
+    return sums
+
+
+@torch.no_grad()
+def _check_fused_teacher(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int) -> None:
+    """After a non-finite fused loss: NonFiniteError when the teacher's side holds NaN or inf, its inputs or the
+    logits they make (a half-precision teacher's may overflow), chunk by chunk as the loss built them."""
+    check_targets(rows=False, teacher_hidden=hidden, teacher_weight=weight, teacher_bias=bias)
+    for start in range(0, hidden.shape[0], chunk_size):
+        require_finite(F.linear(hidden[start:start + chunk_size], weight, bias), "the teacher's logits (teacher_hidden "
+                       f"times teacher_weight, in {weight.dtype})", "they overflow: run the teacher in float32", rows=True)
 
 
 def chunked_divergence_sum(student_logits: Tensor, teacher_logits: Tensor, kind: str, *, chunk_size: int,

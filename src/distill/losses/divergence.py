@@ -24,6 +24,7 @@ reverse_kl, and jsd / β → forward_kl, jsd / (1−β) → reverse_kl are teste
 Numerics: everything is in log space (log_softmax; the mixtures by log-add-exp, log(a·p + (1−a)·q) =
 logaddexp(log a + log p, log(1−a) + log q)), so probabilities that underflow to 0 never meet a log(0); values
 and gradients are finite for any finite logits (±1e4 included). Computed in float32, or float64 when given.
+Teacher logits with NaN or inf (other than -inf classes in a row that has a finite one) raise NonFiniteError.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import math
 import torch
 from torch import Tensor
 
-from distill.errors import UserError
+from distill.errors import NonFiniteError, UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import _check_pair, _check_temperature, _kl_rows as _kl  # Σ p·(log p − log q), 0·log 0 = 0
 
-__all__ = ["KINDS", "check_divergence", "token_divergence"]
+__all__ = ["KINDS", "check_divergence", "check_divergence_inputs", "token_divergence"]
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
 
@@ -97,4 +99,18 @@ def token_divergence(
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     log_ps = torch.log_softmax(student_logits.to(dtype) / T, dim=-1)
     log_pt = torch.log_softmax(teacher_logits.to(dtype) / T, dim=-1)
-    return _per_row(kind, log_pt, log_ps, float(beta), float(alpha)) * (T * T)
+    d = _per_row(kind, log_pt, log_ps, float(beta), float(alpha)) * (T * T)
+    if not finite(d):
+        check_divergence_inputs(student_logits, teacher_logits, kind)
+    return d
+
+
+def check_divergence_inputs(student_logits: Tensor, teacher_logits: Tensor, kind: str) -> None:
+    """After a non-finite divergence: NonFiniteError when the teacher is to blame, by NaN or inf
+    (distill.finite.check_targets), or by -inf classes (probability 0, as a top-k cache gives them) where the
+    student has mass, which makes the reverse KL infinite."""
+    check_targets(teacher_logits=teacher_logits)
+    if finite(student_logits) and not finite(teacher_logits):
+        raise NonFiniteError(f"teacher_logits hold -inf (classes of probability 0, as from a top-k teacher cache), "
+                             f"where the divergence {kind} is infinite: use forward_kl, jsd, skew_kl, tv or skew_rkl "
+                             "with alpha > 0, or the teacher's full logits")

@@ -97,9 +97,10 @@ def _skew_rkl(ls, lt, alpha):
     ps = lt.copy_(ls).exp_()  # lt is not needed again: its buffer holds p_S
     e = ls.sub_(lm).masked_fill_(ps == 0, 0.0)  # ls − lm
     d = (e * ps).sum(-1)
-    u = torch.exp(e, out=lm)  # p_S / M
-    sum_q = (u * ps).sum(-1, keepdim=True)
-    return d, e.sub_(d[:, None]).sub_(u.sub_(sum_q).mul_(alpha)).mul_(ps)
+    # α·p_S / M <= 1 as M >= α·p_S; p_S / M alone can overflow (inf − inf = NaN) when α is tiny
+    au = torch.add(e, math.log(alpha), out=lm).exp_()
+    alpha_sum_q = (au * ps).sum(-1, keepdim=True)
+    return d, e.sub_(d[:, None]).sub_(au.sub_(alpha_sum_q)).mul_(ps)
 
 
 def _tv(ls, lt):

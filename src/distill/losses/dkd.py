@@ -8,7 +8,7 @@ from torch import Tensor
 
 from distill.errors import UserError
 from distill.losses.kd import _check_weight
-from distill.losses.kl import _check_pair, _check_temperature, _kl_rows, _rows
+from distill.losses.kl import _check_pair, _check_temperature, _checked, _kl_rows, _rows
 
 __all__ = ["dkd_loss"]
 
@@ -92,5 +92,5 @@ def dkd_loss(
     n = max(s.shape[0], 1)
     tckd = _kl_rows(_target_split(t.log_softmax(-1), g), _target_split(s.log_softmax(-1), g)).sum() * (T * T) / n
     nckd = _kl_rows(_non_target(t, g).log_softmax(-1), _non_target(s, g).log_softmax(-1)).sum() * (T * T) / n
-    loss = a * tckd + b * nckd
+    loss = _checked(a * tckd + b * nckd, teacher_logits, None)
     return loss, {"tckd": tckd.detach(), "nckd": nckd.detach()}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import _upcast
 
 __all__ = ["hint_loss", "attention_map", "attention_transfer_loss"]
@@ -37,7 +38,10 @@ def hint_loss(regressed: Tensor, teacher_feature: Tensor) -> Tensor:
     if regressed.shape != teacher_feature.shape:
         raise UserError(f"regressed student feature shape {tuple(regressed.shape)} and teacher feature shape "
                         f"{tuple(teacher_feature.shape)} must be identical")
-    return (_upcast(regressed) - _upcast(teacher_feature)).pow(2).mean()
+    loss = (_upcast(regressed) - _upcast(teacher_feature)).pow(2).mean()
+    if not finite(loss):
+        check_targets(teacher_feature=teacher_feature, rows=False)
+    return loss
 
 
 def _check_p(p) -> float:
@@ -100,4 +104,7 @@ def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor, p:
         resized = F.interpolate(raw.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)
         q_s = F.normalize(resized.flatten(1), p=2, dim=1)
     dtype = torch.promote_types(q_s.dtype, q_t.dtype)
-    return (q_s.to(dtype) - q_t.to(dtype)).pow(2).sum(dim=1).mean()
+    loss = (q_s.to(dtype) - q_t.to(dtype)).pow(2).sum(dim=1).mean()
+    if not finite(loss):  # NaN and inf reach the maps' norms, hence the loss
+        check_targets(teacher_feature=teacher_feature, rows=False)
+    return loss

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets
 from distill.losses.kl import _check_logits, _check_pair, _check_reduction, _reduce_rows, _rows
 
 __all__ = ["hard_label_loss"]
@@ -70,8 +71,11 @@ def hard_label_loss(
     target = y.clone()
     counts = ~unlabelled
     if pseudo_labels and teacher_logits is not None:
-        # The teacher is a fixed target: its argmax carries no gradient.
-        teacher_argmax = teacher_logits.detach().reshape(-1, num_classes).argmax(-1)
+        # The teacher is a fixed target: its argmax carries no gradient. The row maxima come with it: NaN or +inf
+        # in a row (argmax would pick it as the label, silently) makes them non-finite.
+        top, teacher_argmax = teacher_logits.detach().reshape(-1, num_classes).max(-1)
+        if not bool(torch.isfinite(top[unlabelled]).all()):
+            check_targets(teacher_logits=teacher_logits.detach().reshape(-1, num_classes)[unlabelled])
         target = torch.where(unlabelled, teacher_argmax, target)
         counts = torch.ones_like(counts)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 
 __all__ = ["soft_target_kl", "soft_target_cross_entropy"]
 
@@ -102,9 +103,21 @@ def _reduce_rows(per_row: Tensor, keep: Tensor | None, n_rows: int, leading: tor
 def _kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
     """KL per row from log-probabilities: sum over the last dim of p_t·(log p_t − log p_s), with 0·log 0 = 0.
     where() rather than xlogy: p_t == 0 with log p_t == -inf would otherwise give 0 · -inf = nan, and xlogy's
-    gradient with respect to a teacher probability of 0 is log 0 (a teacher that requires grad would get nan)."""
+    gradient with respect to a teacher probability of 0 is log 0 (a teacher that requires grad would get nan).
+    `!= 0` rather than `> 0`: a NaN p_t must reach the value (`> 0` would drop it and leave the loss finite while
+    its gradient is NaN), where the loss's finiteness check finds it. The where() is inside the product: where
+    p_t == 0 the difference is -inf for a teacher logit of -inf (a top-k cache's rows), and the product's
+    gradient w.r.t. p_t, that difference times 0, would be NaN."""
     p_t = log_pt.exp()
-    return torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
+    return (p_t * torch.where(p_t != 0, log_pt - log_ps, 0.0)).sum(-1)
+
+
+def _checked(loss: Tensor, teacher_logits: Tensor, keep: Tensor | None) -> Tensor:
+    """`loss` when finite or when only the student is to blame; NonFiniteError when the teacher's kept rows hold
+    NaN or inf (distill.finite.check_targets)."""
+    if not finite(loss):
+        check_targets(teacher_logits=_select(_rows(teacher_logits), keep))
+    return loss
 
 
 def _soft_rows(student_logits, teacher_logits, temperature, mask):
@@ -152,7 +165,7 @@ def soft_target_kl(
     per_row = _kl_rows(log_pt, log_ps)
     if t2_scaling:
         per_row = per_row * (T * T)
-    return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    return _checked(_reduce_rows(per_row, keep, leading.numel(), leading, reduction), teacher_logits, keep)
 
 
 def soft_target_cross_entropy(
@@ -179,7 +192,7 @@ def soft_target_cross_entropy(
     _check_reduction(reduction, _ROW_REDUCTIONS)
     T, leading, keep, log_ps, log_pt = _soft_rows(student_logits, teacher_logits, temperature, mask)
     p_t = log_pt.exp()
-    per_row = -torch.where(p_t > 0, p_t * log_ps, 0.0).sum(-1)
+    per_row = -(p_t * torch.where(p_t != 0, log_ps, 0.0)).sum(-1)  # where() as in _kl_rows
     if t2_scaling:
         per_row = per_row * (T * T)
-    return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    return _checked(_reduce_rows(per_row, keep, leading.numel(), leading, reduction), teacher_logits, keep)

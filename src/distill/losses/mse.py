@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from distill.finite import check_targets, finite
 from distill.losses.kl import _check_pair, _check_reduction, _flat_mask, _reduce_rows, _rows, _select
 
 __all__ = ["logit_mse"]
@@ -40,5 +41,9 @@ def logit_mse(
     per_row = (s - t).pow(2).sum(-1)
     if reduction == "mean":
         # Divide by elements, not rows; max() keeps an all-masked batch at 0 instead of nan.
-        return per_row.sum() / max(s.numel(), 1)
-    return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+        loss = per_row.sum() / max(s.numel(), 1)
+    else:
+        loss = _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    if not finite(loss):
+        check_targets(teacher_logits=t, rows=False)  # raw logits: a -inf target is no probability 0 here
+    return loss

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import require_finite
 from distill.losses.hard import hard_label_loss
 from distill.losses.kd import _check_weight
 from distill.losses.kl import _check_pair, _check_temperature, soft_target_kl
@@ -36,6 +37,7 @@ def mutual_loss(
     The paper uses T = 1; the T² factor (Hinton et al. 2015) only keeps gradient sizes comparable when T ≠ 1.
     CE skips unlabelled rows (label -1); the KL terms use every row. ``labels=None`` drops CE.
 
+    Logits of a student with NaN or inf (other than -inf classes), or such teacher logits, raise NonFiniteError.
     Returns ``(total, parts)`` with parts averaged over the K students (unweighted, detached):
     ``ce``, ``kl`` (the 1/(K-1)-averaged peer KL) and ``teacher`` (only when teacher_logits is given).
     """
@@ -52,6 +54,9 @@ def mutual_loss(
         teacher_logits = teacher_logits.detach()
 
     K = len(logits)
+    for k, z in enumerate(logits):  # each is a target of the others: soft_target_kl would blame the "teacher"
+        require_finite(z, f"logits[{k}] (of student {k}; 0 is the trained one)", "the students diverged: lower the "
+                       "learning rate or clip gradients", rows=True)
     targets = [z.detach() for z in logits]
     total = 0
     ce_sum, kl_sum, teacher_sum = 0.0, 0.0, 0.0

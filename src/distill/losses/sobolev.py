@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import _ROW_REDUCTIONS, _check_reduction, _check_temperature, _upcast
 
 __all__ = ["SOBOLEV_TARGETS", "random_unit_directions", "sobolev_target", "directional_derivatives", "sobolev_loss"]
@@ -152,6 +153,10 @@ def sobolev_loss(student_jvp: Tensor, teacher_jvp: Tensor, *, reduction: str = "
     sq = (s - t.to(s.dtype)).pow(2)
     per_sample = sq.sum(-1) if sq.dim() == 2 else sq.sum(dim=(0, -1))
     if reduction == "none":
-        return per_sample
-    total = per_sample.sum()
-    return total if reduction == "sum" else total / max(per_sample.shape[0], 1)
+        loss = per_sample
+    else:
+        total = per_sample.sum()
+        loss = total if reduction == "sum" else total / max(per_sample.shape[0], 1)
+    if not finite(loss):
+        check_targets(teacher_jvp=teacher_jvp, rows=False)
+    return loss

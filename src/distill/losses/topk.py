@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import (
     _ROW_REDUCTIONS,
     _check_logits,
@@ -103,7 +104,9 @@ def topk_kd_loss_from_indices(
 
     The student's rest bucket is logsumexp over its non-S log-probabilities, not log(1 - sum_S p_s),
     which would round to log 0 = -inf once the student puts almost all its mass on S. The teacher's
-    rest is log(-expm1(logsumexp_S(t_S / T - L_t))), clamped at mass 0 against rounding. When S holds
+    rest is log(-expm1(logsumexp_S(t_S / T - L_t))), taken as mass 0 when it is below the rounding of
+    t_S / T - L_t (8 eps |L_t|: the rest is then unknown; noise against the student's exact rest
+    would make a large, false KL term). When S holds
     every class (k == C) the rest bucket is empty and left out, so both policies equal
     ``soft_target_kl``. Buckets with q_t == 0 contribute 0. T^2 only when ``t2_scaling``.
 
@@ -135,7 +138,7 @@ def topk_kd_loss_from_indices(
     dtype = torch.promote_types(s.dtype, t.dtype)
     s, t = s.to(dtype) / T, t.to(dtype) / T
 
-    if rest == "renormalize":
+    if rest == "renormalize" or k == C:  # k == C: no rest bucket, and L_t is not needed to normalise
         log_qt = torch.log_softmax(t, dim=-1)
         log_qs = torch.log_softmax(s.gather(-1, idx), dim=-1)
     else:
@@ -150,7 +153,15 @@ def topk_kd_loss_from_indices(
                     "teacher_logsumexp is smaller than the logsumexp of the top-k logits / T (the top k would hold "
                     "more than all the mass); it must be logsumexp(t / T) over all classes, at the same temperature"
                 )
-            log_rest_t = torch.log(-torch.expm1(log_mass_s.clamp(max=0.0)))
+            rest_t = -torch.expm1(log_mass_s.clamp(max=0.0))
+            # t / T - L_t rounds to the spacing of floats near L_t, so a rest below that is noise: compared with the
+            # student's exact (maybe astronomically small) rest it would make a large, false KL term
+            noise = 8 * torch.finfo(dtype).eps * lse_t.detach().abs().clamp_min(1.0)
+            rest_t = torch.where(rest_t <= noise, 0.0, rest_t)  # (<=: a NaN stays, for the finiteness check)
+            # double where: a rest of 0 is log 0 = -inf (a bucket of probability 0), and log's infinite slope there
+            # times the zero gradient of that bucket would give a teacher that requires grad NaN gradients
+            some = rest_t != 0
+            log_rest_t = torch.where(some, torch.where(some, rest_t, 1.0).log(), float("-inf"))
             in_s = torch.zeros_like(log_ps, dtype=torch.bool).scatter(-1, idx, True)
             log_rest_s = torch.logsumexp(log_ps.masked_fill(in_s, float("-inf")), dim=-1, keepdim=True)
             log_qt = torch.cat([log_qt, log_rest_t], dim=-1)
@@ -159,7 +170,11 @@ def topk_kd_loss_from_indices(
     per_row = _kl_rows(log_qt, log_qs)
     if t2_scaling:
         per_row = per_row * (T * T)
-    return _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    loss = _reduce_rows(per_row, keep, leading.numel(), leading, reduction)
+    if not finite(loss):
+        check_targets(teacher_topk_logits=_select(_rows(teacher_topk_logits), keep),
+                      teacher_logsumexp=None if lse is None else _select(lse.reshape(-1, 1), keep))
+    return loss
 
 
 def topk_kd_loss(
@@ -176,7 +191,8 @@ def topk_kd_loss(
     """KD on the teacher's top-k classes per row (truncated softmax), from full teacher logits.
 
     S = the k classes with the largest teacher logits (all C classes when k >= C), then exactly
-    ``topk_kd_loss_from_indices`` with L_t = logsumexp_c(t_c / T) for rest="bucket":
+    ``topk_kd_loss_from_indices`` with L_t = logsumexp_c(t_c / T) for rest="bucket" (computed as the
+    teacher's rows shifted by T·L_t, so that t_S / T - L_t is log_softmax(t / T) to the last bit):
 
       renormalize: T^2 * KL(softmax(t_S / T) || softmax(s_S / T))
       bucket:      T^2 * KL([p_t,S, 1 - sum_S p_t] || [p_s,S, 1 - sum_S p_s]),  p = softmax(logits / T)
@@ -193,8 +209,14 @@ def topk_kd_loss(
         # Padding rows may hold garbage such as all -inf; zero them so the logsumexp below cannot
         # send NaN gradients back (they are dropped from the loss anyway).
         t = torch.where(keep.reshape(leading).unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    lse = None
+    if rest == "bucket":
+        # each row shifted by T·logsumexp(t / T), which changes no probability, so that L_t = 0 exactly:
+        # t_S / T - L_t is then the teacher's log-probabilities as log_softmax computes them (shifting by the row's
+        # maximum first), not a difference of two numbers of the size of L_t (in float32, 0.06 apart near 1e6)
+        t = T * torch.log_softmax(t / T, dim=-1)
+        lse = torch.zeros(leading, dtype=t.dtype, device=t.device)
     values, indices = t.topk(min(k, C), dim=-1)
-    lse = torch.logsumexp(t / T, dim=-1) if rest == "bucket" else None
     return topk_kd_loss_from_indices(
         student_logits, values, indices, temperature=T, rest=rest, t2_scaling=t2_scaling,
         reduction=reduction, mask=mask, teacher_logsumexp=lse,

@@ -13,7 +13,8 @@ Shapes follow Hugging Face: hidden states [B, L, D] (``output_hidden_states=True
 integer 0/1; True/1 = real token). ``mask`` is a required argument so padding is never counted by accident;
 pass ``None`` explicitly to count every position. Positions the mask drops are removed *before* anything is
 computed, so whatever they hold (huge values, inf, nan) reaches neither the loss nor the gradients, and they get
-a gradient of exactly 0. When no position is kept the loss is a 0 still connected to the inputs' graph.
+a gradient of exactly 0. When no position is kept the loss is a 0 still connected to the inputs' graph. NaN or inf
+at a kept position of the teacher's tensor raises NonFiniteError (distill.finite); of the student's, shows in the loss.
 Half-precision inputs are computed in float32. Each function returns the paper's mean as a 0-d tensor.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.finite import check_targets, finite
 from distill.losses.kl import _upcast
 
 __all__ = ["hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse"]
@@ -103,7 +105,7 @@ def _masked_mse(s_name: str, s: Tensor, t_name: str, t: Tensor, mask, projection
     keep = _check_hidden_pair(s_name, s, t_name, t, mask, hint)
     s2, t2 = _kept_tokens(s, t, keep)
     # Divide by kept tokens * D; max() keeps an all-padding batch at 0 instead of nan.
-    return (s2 - t2).pow(2).sum() / max(s2.numel(), 1)
+    return _checked((s2 - t2).pow(2).sum() / max(s2.numel(), 1), t_name, t2)
 
 
 def _attention_rows(student_attn, teacher_attn, mask) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -133,6 +135,14 @@ def _attention_rows(student_attn, teacher_attn, mask) -> tuple[Tensor, Tensor, T
     dtype = torch.promote_types(s.dtype, t.dtype)
     keys = None if keep is None else keep.unsqueeze(1).expand(batch, length, length)[keep].unsqueeze(1)
     return s.to(dtype), t.to(dtype), keys
+
+
+def _checked(loss: Tensor, name: str, target: Tensor) -> Tensor:
+    """`loss`, or NonFiniteError when it is not finite because the kept part of the teacher's tensor `name` holds
+    NaN or inf (distill.finite.check_targets)."""
+    if not finite(loss):
+        check_targets(rows=False, **{name: target})
+    return loss
 
 
 def _head_average(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,7 +201,7 @@ def hidden_cosine(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor |
     norm_s = s.pow(2).sum(-1).clamp_min(eps2).sqrt()
     norm_t = t.pow(2).sum(-1).clamp_min(eps2).sqrt()
     cos = (s * t).sum(-1) / (norm_s * norm_t)
-    return (1.0 - cos).sum() / max(cos.shape[0], 1)
+    return _checked((1.0 - cos).sum() / max(cos.shape[0], 1), "teacher_hidden", t)
 
 
 # ---------------------------------------------------------------- attention maps
@@ -217,7 +227,8 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None
     Zeros: a teacher term with probability 0 contributes exactly 0 (0 · log 0 = 0, also in the gradient). Where
     the teacher's probability is > 0 the student's is floored at 1e-12 inside the log only, so a student
     probability of exactly 0 (underflow, or the zeros that HF's attention dropout puts into the maps it returns
-    in train mode) gives a large but finite term instead of inf/nan. Nan at a kept position still propagates.
+    in train mode) gives a large but finite term instead of inf/nan. NaN at a kept position still propagates: the
+    student's gives a NaN loss, the teacher's raises NonFiniteError.
 
     Head counts: when the student and teacher have different numbers of heads (Hs != Ht), each model's maps are
     first averaged over its heads into one [B, 1, L, L] map (still a distribution per query) and the KL is taken
@@ -241,7 +252,7 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None
     s_safe = torch.where(nonzero, s.clamp_min(_PROB_FLOOR), 1.0)
     terms = torch.where(nonzero, t_safe * (t_safe.log() - s_safe.log()), 0.0)
     rows, heads = t.shape[0], t.shape[1]
-    return terms.sum() / (heads * max(rows, 1))
+    return _checked(terms.sum() / (heads * max(rows, 1)), "teacher_attn", t)
 
 
 def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None) -> Tensor:
@@ -267,4 +278,5 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     else:
         diff, pairs = torch.where(keys, s - t, 0.0), int(keys.sum())  # dropped keys: 0, whatever they held
     # max() keeps an all-padding batch at 0 instead of nan.
-    return diff.pow(2).sum() / (diff.shape[1] * max(pairs, 1))
+    loss = diff.pow(2).sum() / (diff.shape[1] * max(pairs, 1))
+    return _checked(loss, "teacher_attn", t if keys is None else torch.where(keys, t, 0.0))

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill.errors import UserError
+from distill.finite import require_finite
 from distill.signals.cache_format import (
     dataset_sha256,
     field,
@@ -263,6 +264,7 @@ class CachedTeacher:
         self._inputs: Tensor | None = None
         self._logsumexp: Tensor | None = None
         self._features: dict[str, Tensor] = {}
+        self._unchecked = False  # outputs fed but not yet checked for NaN / inf
 
     def feed(self, teacher_logits: Tensor, inputs: Tensor | None = None, *, logsumexp: Tensor | None = None,
              features: dict[str, Tensor] | None = None) -> None:
@@ -276,6 +278,7 @@ class CachedTeacher:
                 raise UserError(f"CachedTeacher.feed: {name!r} must be a tensor with one row per logits row ({rows})")
         self._logits, self._inputs = teacher_logits, inputs
         self._logsumexp, self._features = logsumexp, dict(features or {})
+        self._unchecked = True  # checked when first asked for, in the training step (which names step and batch)
 
     def __call__(self, x: Tensor) -> Tensor:
         self._check_asked(x)
@@ -305,3 +308,16 @@ class CachedTeacher:
         if isinstance(x, Tensor) and self._logits.shape[0] != len(x):
             raise UserError(f"CachedTeacher holds logits for {self._logits.shape[0]} rows but was asked about {len(x)}: "
                             "feed the logits of this very batch")
+        if self._unchecked:
+            self._check_finite()
+            self._unchecked = False
+
+    def _check_finite(self) -> None:
+        """NonFiniteError when the outputs fed hold NaN or inf (a top-k cache's logits are -inf outside its top k)."""
+        fix = ("write the teacher cache again (distill cache) from a teacher with finite outputs, or use the live "
+               "teacher")
+        require_finite(self._logits, "the cached teacher logits", fix, rows=True)
+        if self._logsumexp is not None:
+            require_finite(self._logsumexp, "the cached teacher logsumexp", fix)
+        for name, t in self._features.items():
+            require_finite(t, f"the cached teacher outputs of layer {name!r}", fix)

@@ -5,7 +5,8 @@ import copy
 import torch
 from torch import nn
 
-from distill.errors import NonFiniteError, UserError
+from distill.errors import UserError
+from distill.finite import require_finite
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,8 +41,8 @@ class LiveTeacher:
             self.model.eval()  # (checked first: eval() walks and sets every module, a cost paid on every batch)
         with torch.inference_mode():
             logits = self.model(x if self.dtype is None else to_dtype(x, self.dtype))
-        if not bool(torch.isfinite(logits).all()):  # a student would silently learn NaN from them
-            raise NonFiniteError("the teacher's logits hold NaN or inf: check the teacher (distill eval it) and "
-                                 f"{'teacher.precision (use fp32)' if self.dtype else 'its inputs'}")
+        # a student would silently learn NaN from them (NonFiniteError, with the step when training)
+        require_finite(logits, "the teacher's logits", "check the teacher (distill eval it) and "
+                       f"{'teacher.precision (use fp32)' if self.dtype else 'its inputs'}")
         # outside inference mode, .float()/.clone() make a normal tensor that autograd may save
         return logits.float() if self.dtype is not None else logits.clone()
