@@ -32,6 +32,7 @@ _FIXES = {
     errno.EACCES: ("permission denied", "make the folder writable or write elsewhere"),
     errno.EPERM: ("operation not permitted", "make the folder writable or write elsewhere"),
     errno.EROFS: ("the file system is read-only", "write to a writable folder"),
+    errno.EIO: ("an input/output error (the disk or its connection failed)", "check the disk or write elsewhere"),
 }
 
 
