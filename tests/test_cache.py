@@ -14,6 +14,7 @@ from torch import nn
 from distill.checkpoint import save_model
 from distill.cli import main
 from distill.data import ArrayDataset
+from distill.durable import checked_json
 from distill.errors import UserError
 from distill.features import capture
 from distill.losses.topk import topk_kd_loss, topk_kd_loss_from_indices
@@ -317,12 +318,15 @@ def test_mismatches_and_damage_are_refused_with_one_line(tmp_path):
 
     def unfinish(folder):
         m = json.loads((folder / "manifest.json").read_text())
-        (folder / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+        (folder / "manifest.json").write_text(checked_json({**m, "complete": False}))  # as a killed write leaves it
 
     _one_line_error(lambda: open_cache(damaged(unfinish)), "not complete", "rerun `distill cache`")
     bad_name = damaged(lambda f: (f / "manifest.json").write_text(
         (f / "manifest.json").read_text().replace("shard-00000.values.npy", "../../etc/passwd")))
-    _one_line_error(lambda: open_cache(bad_name), "corrupt")
+    _one_line_error(lambda: open_cache(bad_name), "corrupt", "sha256")  # an edited manifest: its sha256 differs
+    resealed = damaged(lambda f: (f / "manifest.json").write_text(checked_json(json.loads(
+        (f / "manifest.json").read_text().replace("shard-00000.values.npy", "../../etc/passwd")))))
+    _one_line_error(lambda: open_cache(resealed), "corrupt", "bad file entry")  # and with a matching one
     (tmp_path / "plain").mkdir()
     _one_line_error(lambda: open_cache(tmp_path / "plain"), "not a teacher cache")
     _one_line_error(lambda: open_cache(tmp_path / "nowhere"), "no cache at")

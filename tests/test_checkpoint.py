@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import distill.checkpoint as ck
+import distill.durable as durable
 from distill.checkpoint import atomic_write_bytes, atomic_write_text, load_model_file, load_weights, save_model
 from distill.training_state import has_training_state, load_training_state, save_training_state
 from distill.errors import UserError
@@ -47,7 +48,7 @@ def test_atomic_write_failure_keeps_old(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(ck.os, "replace", boom)
+    monkeypatch.setattr(durable.os, "replace", boom)
     with pytest.raises(OSError):
         atomic_write_text(p, "new")
     assert p.read_text() == "old"
@@ -278,19 +279,20 @@ def test_missing_incomplete_and_corrupt_folders(tmp_path):
     assert not has_training_state(tmp_path / "none")
     save_training_state(tmp_path / "c", step=1, epoch=0, **kw)
     (tmp_path / "c" / "optimizer.safetensors").unlink()
-    assert not has_training_state(tmp_path / "c")
-    with pytest.raises(UserError, match="not a complete training checkpoint.*optimizer.safetensors is missing"):
+    with pytest.raises(UserError, match="damaged training state.*optimizer.safetensors is missing"):
+        has_training_state(tmp_path / "c")  # refused, not taken for "nothing saved" (which restarts training)
+    with pytest.raises(UserError, match="damaged training state.*optimizer.safetensors is missing"):
         load_training_state(tmp_path / "c", **kw)
 
     save_training_state(tmp_path / "d", step=1, epoch=0, **kw)
     data = (tmp_path / "d" / "model.safetensors").read_bytes()
     (tmp_path / "d" / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="model.safetensors is truncated or corrupt"):
+    with pytest.raises(UserError, match="damaged training state.*model.safetensors"):
         load_training_state(tmp_path / "d", **kw)
 
     save_training_state(tmp_path / "e", step=1, epoch=0, **kw)
     (tmp_path / "e" / "state.json").write_text("{not json")
-    with pytest.raises(UserError, match="state.json is not valid JSON"):
+    with pytest.raises(UserError, match="damaged training state.*state.json is not valid JSON"):
         load_training_state(tmp_path / "e", **kw)
 
     small = mlp(hidden=4)
@@ -335,10 +337,10 @@ def _count_replaces(tmp_path, monkeypatch):
         calls.append(a)
         return real(*a, **k)
 
-    monkeypatch.setattr(ck.os, "replace", counting)
+    monkeypatch.setattr(durable.os, "replace", counting)
     _save(tmp_path / "probe", 1)
     _save(tmp_path / "probe", 2)
-    monkeypatch.setattr(ck.os, "replace", real)
+    monkeypatch.setattr(durable.os, "replace", real)
     return len(calls) // 2
 
 
@@ -359,10 +361,10 @@ def test_crash_at_every_replace_keeps_a_complete_checkpoint(tmp_path, monkeypatc
                 raise OSError("killed")
             return real(*a, **kw)
 
-        monkeypatch.setattr(ck.os, "replace", crashing)
+        monkeypatch.setattr(durable.os, "replace", crashing)
         with pytest.raises(OSError, match="killed"):
             _save(d, 2)
-        monkeypatch.setattr(ck.os, "replace", real)
+        monkeypatch.setattr(durable.os, "replace", real)
 
         assert has_training_state(d)
         step, model = _load_step(d)

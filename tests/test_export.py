@@ -1,6 +1,7 @@
 """`distill export`: ONNX and TorchScript files that give PyTorch's logits, their scores and latency in results.json,
 int8 quantization, text models with named inputs, and one-line refusals that leave nothing behind."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from distill.export_check import logit_difference, paired_latency
 
 pytest.importorskip("onnxruntime")
 
-ENTRY_KEYS = ["role", "format", "file", "quantization", "runtime", "size_mb", "max_abs_diff", "tolerance", "metric",
+ENTRY_KEYS = ["role", "format", "file", "quantization", "runtime", "size_mb", "sha256", "max_abs_diff", "tolerance", "metric",
               "score", "score_pytorch", "latency_ms", "latency_ms_pytorch", "latency_batch"]
 
 
@@ -65,7 +66,7 @@ def test_export_gives_pytorchs_logits_and_is_recorded_in_the_run(run, capsys, mo
     assert e["role"] == "student" and e["format"] == fmt and e["file"] == f"export/student{suffix}"
     assert e["quantization"] is None and e["tolerance"] == 1e-5 and e["latency_batch"] == 1
     assert e["runtime"].startswith("onnxruntime 1." if fmt == "onnx" else "torch 2.")
-    assert e["size_mb"] == path.stat().st_size / 1e6
+    assert e["size_mb"] == path.stat().st_size / 1e6 and e["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert 0 <= e["max_abs_diff"] <= 1e-5 and e["metric"] == "accuracy"
     # the exported model's test score, through its own runtime, is the score the run measured in PyTorch
     assert e["score"] == e["score_pytorch"] == _results(run)["models"]["student"]["score"]

@@ -3,6 +3,7 @@ keeps (continued, the folder is byte for byte the uninterrupted one); students t
 folders of another teacher or unfinished ones are refused with one line."""
 
 import json
+import random
 
 import pytest
 from distill.cli import main
@@ -57,6 +58,14 @@ def test_a_killed_generation_continues_to_the_same_bytes(setup, monkeypatch, cap
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     assert len(resumed) == 2  # the two finished shards were kept, not decoded again
     assert _files(tmp_path / "killed") == straight and not (tmp_path / "killed.partial").exists()
+
+    # a real SIGKILL at a random (seeded) write: a shard or the manifest written, not yet in place
+    from test_kill_resume import killed
+
+    k = random.Random("generate").randint(1, 8)  # 4 shards, each followed by the manifest
+    killed("replace", k, "--", *args, "--out", tmp_path / "sigkilled")
+    assert main([*args, "--out", str(tmp_path / "sigkilled")]) == 0
+    assert _files(tmp_path / "sigkilled") == straight
 
 
 def test_students_learn_the_teachers_translations(setup):

@@ -7,16 +7,16 @@ file in the same folder, fsync, ``os.replace``). Resumable training state is in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from distill.durable import atomic_write_bytes, atomic_write_text  # noqa: F401 (atomic_write_text: kept importable here)
 from distill.errors import UserError
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 CONFIG_KEY = "distill_config"
+CHECKSUM_KEY = "distill_sha256"  # sha256 of the whole file with this value's 64 digits written as zeros
+_SLOT = b'"' + CHECKSUM_KEY.encode() + b'":"'
 
 _NOT_SAFETENSORS = "distill reads only safetensors (re-save with safetensors.torch.save_file)"
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
@@ -37,68 +39,6 @@ _ITEMSIZE = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable (best effort; not possible on Windows)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-class AtomicTarget:
-    """Context manager giving a temp path next to ``path``; on success it is fsynced and moved over ``path``."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(parent), prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                _fsync_file(self.tmp)
-                os.replace(self.tmp, self.path)
-            except BaseException:
-                self.tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(self.path.parent)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    with AtomicTarget(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-
-
-def atomic_write_text(path, text: str) -> None:
-    """UTF-8 version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -126,12 +66,47 @@ def _prepare_tensors(tensors: dict[str, Any], what: str) -> dict[str, Tensor]:
     return out
 
 
-def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None, what: str) -> None:
-    from safetensors.torch import save_file
+def _slot(raw: bytes | bytearray, header_len: int) -> int | None:
+    """Where the checksum's 64 hex digits start in a safetensors file's bytes, or None if it has no checksum. In
+    the header's JSON an unescaped quote only delimits a string, so the key can appear once, as a metadata key."""
+    at = bytes(raw[8:8 + header_len]).find(_SLOT)
+    return None if at < 0 else 8 + at + len(_SLOT)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None, what: str) -> str:
+    """Write a safetensors file atomically, its sha256 in its own metadata (verified by every read); returns it.
+    Serialised in memory and written by Python, so a full disk is one WriteError like any other write."""
+    from safetensors.torch import save
 
     prepared = _prepare_tensors(tensors, what)
-    with AtomicTarget(path) as tmp:
-        save_file(prepared, str(tmp), metadata=metadata)
+    raw = bytearray(save(prepared, metadata={**(metadata or {}), CHECKSUM_KEY: "0" * 64}))
+    at = _slot(raw, struct.unpack("<Q", raw[:8])[0])
+    digest = hashlib.sha256(raw).hexdigest()
+    raw[at:at + 64] = digest.encode()
+    atomic_write_bytes(path, raw)
+    return digest
+
+
+def _verify_checksum(path: Path, raw: bytes, header: dict, header_len: int) -> str | None:
+    """The file's recorded sha256 after checking it; None if it records none (a file from another tool)."""
+    recorded = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if recorded is None:
+        return None
+    at = _slot(raw, header_len)
+    if at is None or raw[at:at + 64] != recorded.encode():
+        raise _damaged(path, "its checksum is unreadable")
+    h = hashlib.sha256()
+    h.update(raw[:at])
+    h.update(b"0" * 64)
+    h.update(memoryview(raw)[at + 64:])
+    if h.hexdigest() != recorded:
+        raise _damaged(path, "its sha256 does not match its content: bytes were changed after distill wrote it")
+    return recorded
+
+
+def _damaged(path, why: str) -> UserError:
+    return UserError(f"{path} is damaged ({why}); delete it and write it again (for a run: rerun it, or rerun "
+                     "without --resume)")
 
 
 def _corrupt(path, why: str) -> UserError:
@@ -194,13 +169,16 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 def _read_safetensors(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Validated read of a safetensors file: (tensors on CPU, metadata)."""
-    from safetensors.torch import load_file
+    """Validated read of a safetensors file: (tensors on CPU, metadata). Its bytes are read once, checked against
+    the sha256 distill wrote into it (if it has one), and the tensors are made from those same bytes."""
+    from safetensors.torch import load
 
     path = Path(path)
-    header, _ = _read_header(path)
+    header, header_len = _read_header(path)
+    raw = path.read_bytes()
+    _verify_checksum(path, raw, header, header_len)
     try:
-        tensors = load_file(str(path), device="cpu")
+        tensors = dict(sorted(load(raw).items()))  # in name order, as safetensors.load_file gives them
     except Exception as e:  # SafetensorError, unknown dtype, ...: the file is at fault
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _corrupt(path, f"safetensors says: {msg}") from None
@@ -243,22 +221,46 @@ def _config(metadata: dict, path) -> dict:
     return config
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+_MAX_UNSAVED_BYTES = 256 << 20  # non-persistent buffers (masks, rotary tables) a described model may add
 
 
-def load_weights(model: nn.Module, state_dict, source: str) -> None:
-    """``model.load_state_dict(strict=True)``, with mismatches turned into a UserError naming ``source``."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and isinstance(state_dict[k], Tensor) and isinstance(expected[k], Tensor)
-        and state_dict[k].shape != expected[k].shape
-    ]
+def built_to_fit(build, path, source: str | None = None, *, own_code: bool = False) -> nn.Module:
+    """``build()``, but only after the same call on the meta device (no memory) gives a model whose tensor names and
+    shapes are those in the safetensors file at ``path`` (read from its header alone). So a description in a file's
+    metadata cannot make us allocate more than the file's own weights (plus a bounded margin of unsaved buffers).
+    own_code: the model is the user's own class (allowed by --allow-import), which may not build on the meta
+    device (e.g. it computes a size with a tensor); then it is built as the user's code says, and loading the
+    weights still checks every shape."""
+    import torch
+
+    source = source or str(path)
+    header, _ = _read_header(Path(path))
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    try:
+        with torch.device("meta"):
+            ghost = build()
+    except Exception:
+        if not own_code:
+            raise
+        return build()
+    expected = ghost.state_dict()
+    problems = _mismatches({k: tuple(t.shape) for k, t in expected.items()}, shapes)
+    if problems:
+        raise UserError(f"{source}: its model description does not match its weights ({problems}); the file is "
+                        "damaged or was edited: save the model again with distill")
+    unsaved = sum(b.numel() * b.element_size() for name, b in ghost.named_buffers() if name not in expected)
+    if unsaved > _MAX_UNSAVED_BYTES:
+        raise UserError(f"{source}: its model description needs {unsaved / 2**20:.0f} MiB of buffers beyond its "
+                        "weights; the file is damaged or was edited: save the model again with distill")
+    del ghost
+    return build()
+
+
+def _mismatches(expected: dict[str, tuple], given: dict[str, tuple]) -> str:
+    """Missing keys, unexpected keys and shape differences (given vs expected) in words; '' if none."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {given[k]} vs {expected[k]}" for k in expected if k in given and given[k] != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing keys {_first(missing)}")
@@ -266,9 +268,24 @@ def load_weights(model: nn.Module, state_dict, source: str) -> None:
         problems.append(f"unexpected keys {_first(unexpected)}")
     if shapes:
         problems.append(f"shape mismatches (checkpoint vs model) {_first(shapes)}")
+    return "; ".join(problems)
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def load_weights(model: nn.Module, state_dict, source: str) -> None:
+    """``model.load_state_dict(strict=True)``, with mismatches turned into a UserError naming ``source``."""
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, Tensor) else None
+
+    problems = _mismatches({k: shape(t) for k, t in model.state_dict().items()},
+                           {k: shape(t) for k, t in state_dict.items()})
     fix = "use a checkpoint saved with the same model settings or change the model in the recipe to match it"
     if problems:
-        raise UserError(f"{source}: the checkpoint does not match the model in the recipe: {'; '.join(problems)}; {fix}")
+        raise UserError(f"{source}: the checkpoint does not match the model in the recipe: {problems}; {fix}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

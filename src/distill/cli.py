@@ -328,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(build_parser(), argv)
         with allowed_imports(getattr(args, "allow_import", None)):
             args.func(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        from distill.durable import write_error
+
+        if isinstance(e, OSError) and (e := write_error(e.filename or "a file", e)) is None:
+            raise  # an OSError that is not the disk's refusal (full, no permission): a bug to see whole
         end_distributed(wait=False)
         if debug:
             raise

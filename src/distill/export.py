@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from distill.checkpoint import AtomicTarget
+from distill.durable import AtomicTarget, check_sealed, file_sha256, read_checked_json, seal
 from distill.data.arrays import gather
 from distill.errors import UserError
 from distill.report import measurement_settings
@@ -52,14 +52,8 @@ def find_model(path: str, role: str) -> tuple[str, Path | None, dict]:
 
 
 def read_results(run: Path) -> dict:
-    try:
-        results = json.loads((run / "results.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{run / 'results.json'} cannot be read as JSON ({type(e).__name__}): "
-                        "rerun the experiment") from None
-    if not isinstance(results, dict):
-        raise UserError(f"{run / 'results.json'} is not a results object: rerun the experiment")
-    return results
+    """results.json of a finished run, its sha256 checked (runs from before it had one are read as they are)."""
+    return read_checked_json(run / "results.json", "rerun the experiment", required=False)
 
 
 def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str | None = None, out: str | None = None,
@@ -80,7 +74,8 @@ def export(path: str, *, role: str = "student", fmt: str = "onnx", quantize: str
             target.parent.rmdir()  # the export/ folder made for this file
         raise
     entry = {"role": role if run else Path(model_path).stem, "format": fmt, "file": _relative(target, run),
-             "quantization": quantize, "runtime": runtime_name(fmt), "size_mb": target.stat().st_size / 1e6, **entry}
+             "quantization": quantize, "runtime": runtime_name(fmt), "size_mb": target.stat().st_size / 1e6,
+             "sha256": file_sha256(target), **entry}
     table = f"{format_entry(entry, **notes)}\n\nwritten: {target}"
     if run:
         record_export(run, entry)
@@ -150,6 +145,8 @@ def record_export(run: Path, entry: dict) -> None:
         exports.append(entry)
     results["exports"] = exports
     history = run / "history.json"
+    check_sealed(run, "rerun the experiment", [history.name])  # (export never rewrites it: its entry stays valid)
     histories = json.loads(history.read_text()) if history.is_file() else {}
     write_results(run, results)
     write_report(run, results, histories)
+    seal(run)  # SHA256SUMS again: results.json, report.md and the export changed

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from distill.checkpoint import atomic_write_text
+from distill.durable import atomic_write_text, checked_json, read_checked_json, remove_temp_files
 from distill.errors import UserError
 
 FORMAT = "distill.generated/1"
@@ -63,6 +63,8 @@ def generate(task, teacher, rows, out, *, teacher_sha256: str, num_beams: int = 
     manifest["shards"] = _finished_shards(partial, manifest) if resume and partial.exists() else []
     if not manifest["shards"]:
         shutil.rmtree(partial, ignore_errors=True)
+    elif partial.exists():
+        remove_temp_files(partial)  # of a write the kill interrupted: not part of the data set
     try:
         partial.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -74,7 +76,7 @@ def generate(task, teacher, rows, out, *, teacher_sha256: str, num_beams: int = 
         name = f"shard-{start // shard_size:05d}.jsonl"
         atomic_write_text(partial / name, lines)
         manifest["shards"].append({"file": name, "rows": len(index), "sha256": hashlib.sha256(lines.encode()).hexdigest()})
-        atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(partial / MANIFEST, checked_json(manifest, indent=1))
         if progress:
             progress(f"generate: {index.stop} / {len(rows)} rows")
     partial.rename(out)
@@ -95,11 +97,12 @@ def _decode_shard(task, teacher, rows, index: range, decoding: dict, batch_size:
 
 
 def _finished_shards(partial: Path, manifest: dict) -> list[dict]:
-    """The shards of a killed run that can be kept: same teacher, data and decoding, files intact."""
-    try:
-        old = json.loads((partial / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return []
+    """The shards of a killed run that can be kept: same teacher, data and decoding, files intact. A damaged
+    manifest is refused rather than discarded (writes are atomic: a kill cannot damage it)."""
+    if not (partial / MANIFEST).exists():
+        return []  # killed before its first shard
+    old = read_checked_json(partial / MANIFEST, f"delete {partial} (or add --restart) to generate from the start",
+                            required=False)
     if any(old.get(k) != manifest[k] for k in ("format", "teacher_sha256", "data_sha256", "rows", "decoding")):
         return []  # another teacher, data or decoding: start afresh
     kept = []
@@ -133,10 +136,9 @@ def read_generated(folder, rows, teacher_sha256: str | None, choice: str = "best
     folder = Path(folder)
     if folder.with_name(folder.name + ".partial").exists() and not folder.exists():
         raise UserError(f"{folder} is unfinished ({folder.name}.partial): rerun the same `distill generate` to complete it")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{folder} has no readable {MANIFEST}: give a folder written by `distill generate`") from None
+    if not (folder / MANIFEST).is_file():
+        raise UserError(f"{folder} has no {MANIFEST}: give a folder written by `distill generate`")
+    manifest = read_checked_json(folder / MANIFEST, "generate again", required=False)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{folder} is not a `distill generate` folder (format {manifest.get('format')!r})")
     if teacher_sha256 is not None and manifest.get("teacher_sha256") != teacher_sha256:

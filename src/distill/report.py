@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
+from distill.durable import atomic_write_text, checked_json
 from distill.report_sections import (exports_section, language_model_section, setup_section, translation_section,
                                      warnings_list, warnings_section)
 from distill.report_text import NOISE_RULE, fmt as _fmt, fmt_spread, noise_sentence, num as _num, plural, size_phrase, speed_phrase
@@ -272,17 +271,7 @@ def omitted_classes_section(results: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- writing
 def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 
@@ -299,11 +288,13 @@ def _jsonable(x):
 
 
 def write_results(run_dir, results: dict) -> Path:
-    """results.json (indent 2, atomic); models ordered teacher first, then insertion order."""
+    """results.json (indent 2, atomic, checksummed); models ordered teacher first, then insertion order."""
     data = dict(results)
     if isinstance(results.get("models"), dict):
         data["models"] = _teacher_first(results["models"])
-    return _atomic_write_text(Path(run_dir) / "results.json", strict_json(data))
+    # with a "sha256" of its content, which `distill export` checks before it adds to the file
+    return _atomic_write_text(Path(run_dir) / "results.json", checked_json(json.loads(strict_json(data)), indent=2,
+                                                                           ensure_ascii=False, allow_nan=False))
 
 
 def strict_json(data, indent: int | None = 2) -> str:

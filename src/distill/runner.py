@@ -8,7 +8,6 @@ is never half-written; `resume=True` continues a killed run from its `.partial` 
 
 import copy
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -19,7 +18,9 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, read_model_record, save_model
+from distill.checkpoint import load_model_file, load_weights, read_model_record, save_model
+from distill.durable import (WriteError, atomic_write_text, check_sealed, checked_json, read_checked_json,
+                             remove_temp_files, seal)
 from distill.errors import UserError
 from distill.methods import REGISTRY, build_method
 from distill.methods.supervised import Supervised, SupervisedConfig
@@ -192,13 +193,14 @@ class Experiment:
         except OSError as e:
             raise UserError(f"cannot write the run folder {self.partial} ({e.strerror}): set output_dir to a writable folder") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler.handleError = lambda record: None  # a full disk: no traceback per log line; the next write says it
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         try:
             results = self._run(resume)
-        except UserError:
+        except UserError as e:
             self.tracking.finish()
-            if not resume:
+            if not resume and not isinstance(e, WriteError):  # a full disk: what was written is kept for --resume
                 handler.close()
                 shutil.rmtree(self.partial, ignore_errors=True)
             raise
@@ -360,8 +362,10 @@ class Experiment:
         history_file = self.partial / f"{role}.history.json"
         if resume and weights.exists() and history_file.exists():
             log.info("%s: already trained, loading %s", role, weights)
+            if weights.is_dir():  # a text model's folder (a .safetensors file checks its own sha256)
+                check_sealed(weights, f"delete it to train {role} again, or rerun without --resume")
             model = self.task.load_trained(model, weights)
-            saved = json.loads(history_file.read_text())
+            saved = read_checked_json(history_file, f"delete it and {weights} to train {role} again, or rerun without --resume")
             return model, saved["history"], saved["train_seconds"], epochs_run(saved["history"])
         t0 = time.perf_counter()
         result = fit(model, method, self.teacher_rows if data is None else data, self.data.val, train or role_cfg.train, seed=self.recipe.seed,
@@ -372,15 +376,17 @@ class Experiment:
         model = accelerator.unwrap_model(model)
         if self.main:
             self.task.save_model(model, weights, record)
-            atomic_write_text(history_file, json.dumps({"history": result.history, "train_seconds": result.train_seconds}))
+            atomic_write_text(history_file, checked_json({"history": result.history, "train_seconds": result.train_seconds}))
         return model, result.history, result.train_seconds, epochs_run(result.history)
 
     def _publish(self) -> None:
         """Swap the finished run into place; the resumable training state is no longer needed."""
-        shutil.rmtree(self.partial / "state", ignore_errors=True)
-        shutil.rmtree(self.partial / "teacher-cache", ignore_errors=True)
-        for f in self.partial.glob("*.history.json"):
-            f.unlink()
+        leftovers = [self.partial / "state", self.partial / "teacher-cache", *self.partial.glob("*.history.json")]
+        remove_temp_files(self.partial)  # of writes a kill interrupted before --resume
+        # SHA256SUMS of every file of the run; first, so that a full disk here still leaves a run --resume finishes
+        seal(self.partial, leave_out={p.name for p in leftovers})
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         old = self.out.with_name(self.out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed in the middle of this swap
         if self.out.exists():

@@ -12,11 +12,13 @@ saved `init_kwargs`), a factory returning the module, or an instance to fill.
 """
 
 import inspect
+import json
 from pathlib import Path
 
 from torch import nn
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.checkpoint import load_model_file, load_weights, save_model
+from distill.durable import atomic_write_text, checked_json
 from distill.errors import UserError
 from distill.report import strict_json
 from distill.students.imported import allowed_imports
@@ -57,7 +59,8 @@ def save(path, model: nn.Module, *, method=None, fit=None, init_kwargs: dict | N
         info["fit"] = {"best_epoch": fit.best_epoch, "best_val_score": fit.best_val_score,
                        "best_val_loss": fit.best_val_loss, "train_seconds": fit.train_seconds}
         info["history"] = fit.history
-    atomic_write_text(folder / RECORD, strict_json(info, indent=1))  # no NaN: a fit without validation has no best score
+    # no NaN (a fit without validation has no best score), and a sha256 that distill.load and `distill eval` check
+    atomic_write_text(folder / RECORD, checked_json(json.loads(strict_json(info)), indent=1, allow_nan=False))
     return folder
 
 

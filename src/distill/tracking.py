@@ -28,7 +28,7 @@ from pathlib import Path
 
 from accelerate.utils import LoggerType
 
-from distill.checkpoint import atomic_write_text
+from distill.durable import atomic_write_text
 from distill.errors import UserError
 
 log = logging.getLogger("distill")

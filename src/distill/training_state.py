@@ -9,7 +9,11 @@ new complete checkpoint on disk. Layout::
                            does not depend on how the parameters were sharded), of the scheduler
                            ('scheduler.<...>') and of ``extra`` ('extra.<...>')
     rng.safetensors        torch CPU RNG state ('torch'), CUDA RNG states ('cuda.<i>')
-    state.json             everything else, in a typed JSON encoding (written last)
+    state.json             everything else, in a typed JSON encoding (written last), with the sha256 of each file
+                           above and of itself (distill.durable.checked_json)
+
+Every file is checked on loading (each safetensors file against the sha256 in its metadata and in state.json):
+a damaged state is refused with one line, never used and never silently replaced by a fresh start.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-from distill.checkpoint import _fsync_dir, _read_safetensors, write_safetensors, atomic_write_text, load_weights
+from distill.checkpoint import CHECKSUM_KEY, _read_safetensors, load_weights, write_safetensors
+from distill.durable import _digest, atomic_write_text, checked_json, fsync_dir as _fsync_dir, writing
 from distill.errors import UserError
 
 __all__ = ["gather_training_state", "has_training_state", "load_training_state", "save_training_state"]
 
 STATE_FORMAT = "distill-training-state"
-STATE_VERSION = 2  # 2: optimizer state keyed by parameter name (1: by parameter id)
+STATE_VERSION = 3  # 3: sha256 of every file; 2: optimizer state keyed by parameter name (1: by parameter id)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -169,10 +174,16 @@ def _read_state_json(folder: Path) -> dict:
         raise _Corrupt(f"{STATE_FILE} is not a distill training state")
     if state.get("version") != STATE_VERSION:
         raise _Corrupt(f"{STATE_FILE} has unsupported version {state.get('version')!r}")
-    for name in state.get("files", []):
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    if state.get("sha256") != _digest(body):
+        raise _Corrupt(f"{STATE_FILE}'s sha256 does not match its content")
+    files = state.get("files")
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, OPTIMIZER_FILE, RNG_FILE}:
+        raise _Corrupt(f"{STATE_FILE} does not list its files")
+    for name in files:
         if not (folder / name).is_file():
             raise _Corrupt(f"{name} is missing")
-    return state
+    return body
 
 
 def _is_complete(folder: Path) -> bool:
@@ -220,8 +231,21 @@ def _looks_like_checkpoint(folder: Path) -> bool:
 
 
 def has_training_state(directory) -> bool:
-    """True if ``directory`` (or the leftover of a save interrupted while swapping folders) is a complete checkpoint."""
-    return _resolve(Path(directory)) is not None
+    """True if ``directory`` (or the leftover of a save interrupted while swapping folders) is a complete checkpoint;
+    False if nothing was saved. A damaged one is refused (UserError), never silently replaced by a fresh start:
+    saves swap whole folders, so only damage after the fact leaves ``directory`` incomplete."""
+    directory = Path(directory)
+    if directory.is_dir() and any(directory.iterdir()):
+        try:
+            _read_state_json(directory)
+        except _Corrupt as e:
+            raise _damaged(directory, str(e)) from None
+    return _resolve(directory) is not None
+
+
+def _damaged(folder: Path, why: str) -> UserError:
+    return UserError(f"{folder} holds a damaged training state ({why}); delete that folder to train this stage "
+                     "again from its start, or rerun without --resume")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -258,10 +282,10 @@ def save_training_state(
 
     # Build everything in memory first, so non-JSON-able state fails before anything is touched.
     model_sd, opt_sd = gathered if gathered is not None else gather_training_state(model, optimizer)
-    state_text, opt_tensors, rng_tensors = _state_in_memory(opt_sd, scheduler, step, epoch, extra)
+    state, opt_tensors, rng_tensors = _state_in_memory(opt_sd, scheduler, step, epoch, extra)
     _swap_in(directory, {MODEL_FILE: (model_sd, {"format": "pt"}, "model.state_dict()"),
                          OPTIMIZER_FILE: (opt_tensors, None, "optimizer state"),
-                         RNG_FILE: (rng_tensors, None, "RNG state")}, state_text)
+                         RNG_FILE: (rng_tensors, None, "RNG state")}, state)
 
 
 def _state_in_memory(opt_sd: dict, scheduler, step: int, epoch: int, extra: dict | None):
@@ -292,16 +316,15 @@ def _state_in_memory(opt_sd: dict, scheduler, step: int, epoch: int, extra: dict
         "step": int(step),
         "epoch": int(epoch),
         "saved_at": time.time_ns(),
-        "files": [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE],
         "optimizer": opt_state,
         "scheduler": sched_state,
         "extra": extra_enc,
         "rng": rng,
     }
-    return json.dumps(state), opt_tensors, rng_tensors
+    return state, opt_tensors, rng_tensors
 
 
-def _swap_in(directory: Path, files: dict, state_text: str) -> None:
+def _swap_in(directory: Path, files: dict, state: dict) -> None:
     """Write the checkpoint's files into a temporary sibling folder, then swap it for `directory`; at every instant
     a complete checkpoint exists on disk."""
     # If an earlier save died mid-swap, first put its newest complete checkpoint back in place.
@@ -316,11 +339,13 @@ def _swap_in(directory: Path, files: dict, state_text: str) -> None:
     old = directory.with_name(f"{directory.name}.old-{pid}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    with writing(tmp):
+        tmp.mkdir()
     try:
-        for name, (tensors, metadata, what) in files.items():
-            write_safetensors(tmp / name, tensors, metadata, what)
-        atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks the folder complete
+        digests = {name: write_safetensors(tmp / name, tensors, metadata, what)
+                   for name, (tensors, metadata, what) in files.items()}
+        # last: its presence marks the folder complete
+        atomic_write_text(tmp / STATE_FILE, checked_json({**state, "files": digests}))
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,6 +374,17 @@ def _swap_in(directory: Path, files: dict, state_text: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _read_verified(folder: Path, name: str, state: dict) -> dict[str, Tensor]:
+    """The tensors of one file of a state, which must be the very file state.json lists (by its sha256)."""
+    try:
+        tensors, metadata = _read_safetensors(folder / name)
+    except UserError as e:
+        raise _damaged(folder, f"{name}: {str(e).partition(' (')[2].partition(');')[0] or e}") from None
+    if metadata.get(CHECKSUM_KEY) != state["files"][name]:
+        raise _damaged(folder, f"{name} is not the file its {STATE_FILE} lists")
+    return tensors
+
+
 def load_training_state(directory, *, model, optimizer, scheduler=None, restore_rng: bool = True) -> dict:
     """Inverse of :func:`save_training_state`; returns {"step", "epoch", "extra"}. Every process calls it; a
     model sharded by FSDP takes its shards of the saved full tensors."""
@@ -362,17 +398,16 @@ def load_training_state(directory, *, model, optimizer, scheduler=None, restore_
         try:
             _read_state_json(directory)
         except _Corrupt as e:
-            raise UserError(
-                f"{directory} is not a complete training checkpoint ({e}); resume from another checkpoint or start afresh"
-            ) from None
-    state = _read_state_json(folder)
+            raise _damaged(directory, str(e)) from None
+    try:
+        state = _read_state_json(folder)
+    except _Corrupt as e:
+        raise _damaged(folder, str(e)) from None
 
     def bad(why: str) -> UserError:
         return UserError(f"{folder} holds a corrupt training checkpoint ({why}); resume from another checkpoint or start afresh")
 
-    model_sd, _ = _read_safetensors(folder / MODEL_FILE)
-    opt_tensors, _ = _read_safetensors(folder / OPTIMIZER_FILE)
-    rng_tensors, _ = _read_safetensors(folder / RNG_FILE)
+    model_sd, opt_tensors, rng_tensors = (_read_verified(folder, name, state) for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE))
     try:
         opt = state["optimizer"]
         opt_sd = {

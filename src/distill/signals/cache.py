@@ -8,7 +8,7 @@ re-checking the finished ones).
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import shutil
 import time
@@ -21,7 +21,7 @@ from accelerate.utils import send_to_device
 from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
-from distill.checkpoint import atomic_write_text
+from distill.durable import atomic_write_text, checked_json, writing
 from distill.errors import UserError
 from distill.features import capture, resolve_layers
 from distill.signals.cache_format import (
@@ -111,7 +111,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, top_k: int | None = Non
                                  batch_size, device, stats)
             t_io = time.perf_counter()
             manifest["shards"].append(entry)
-            atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
+            atomic_write_text(partial / MANIFEST, checked_json(manifest, indent=1))
             stats["io_seconds"] += time.perf_counter() - t_io
             stats["rows_computed"] += rows
             stats["shards_computed"] += 1
@@ -123,7 +123,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, top_k: int | None = Non
     finally:
         teacher.train(was_training)
     manifest["complete"] = True
-    atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(partial / MANIFEST, checked_json(manifest, indent=1))
     os.rename(partial, out)
     stats.update(bytes=total_bytes(manifest), total_seconds=time.perf_counter() - t0)
     return {**manifest, "stats": stats}
@@ -153,6 +153,9 @@ def _reuse(out: Path, header: dict) -> dict:
 def _start_or_resume(partial: Path, header: dict, resume: bool) -> dict:
     """The manifest to continue: the partial folder's with its finished shards re-checked, or a fresh one."""
     manifest = read_json(partial / MANIFEST) if resume and partial.is_dir() else None
+    if resume and manifest is None and (partial / MANIFEST).exists():  # writes are atomic: this is damage, not a kill
+        raise UserError(f"{partial / MANIFEST} is damaged (unreadable, or its sha256 does not match): delete "
+                        f"{partial} or start over with `distill cache --restart`")
     if (manifest is None or manifest.get("format") != FORMAT or manifest.get("version") != VERSION
             or not manifest.get("shards")):
         shutil.rmtree(partial, ignore_errors=True)  # no finished shard to keep: start over
@@ -160,7 +163,7 @@ def _start_or_resume(partial: Path, header: dict, resume: bool) -> dict:
             partial.mkdir(parents=True)
         except OSError as e:
             raise UserError(f"cannot create the cache folder {partial} ({e.strerror}): choose a writable output folder") from None
-        atomic_write_text(partial / MANIFEST, json.dumps(header, indent=1))
+        atomic_write_text(partial / MANIFEST, checked_json(header, indent=1))
         return dict(header)
     diff = differs(manifest, header)
     if diff:  # refused rather than discarded: it may hold hours of teacher work under the earlier settings
@@ -177,7 +180,7 @@ def _start_or_resume(partial: Path, header: dict, resume: bool) -> dict:
     for p in partial.iterdir():  # half-written shards and temp files of the killed write
         if p.name not in listed:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(partial / MANIFEST, checked_json(manifest, indent=1))
     return manifest
 
 
@@ -199,7 +202,9 @@ def _write_shard(teacher, dataset, offsets, manifest, partial: Path, index: int,
                 for kind in kinds(manifest):
                     temps[kind] = partial / f".shard-{index:05d}.{kind}.npy.tmp"
                     dt, shape = layout(manifest, kind, rows)
-                    arrays[kind] = open_memmap(temps[kind], mode="w+", dtype=dt, shape=shape)
+                    with writing(temps[kind]):
+                        arrays[kind] = open_memmap(temps[kind], mode="w+", dtype=dt, shape=shape)
+                        _reserve(temps[kind])
             for kind, arr in arrays.items():
                 arr[a - start:b - start] = parts[kind]
             stats["io_seconds"] += time.perf_counter() - t_io
@@ -218,6 +223,20 @@ def _write_shard(teacher, dataset, offsets, manifest, partial: Path, index: int,
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
     return {"start": start, "rows": rows, "files": files}
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new (sparse) memory-mapped file now: on a full disk this is an OSError here,
+    where writing into its pages later would be a SIGBUS."""
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # (a file system that cannot: carry on)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _teacher_rows(teacher, xb, n: int, manifest: dict, first_row: int, device) -> dict[str, np.ndarray]:

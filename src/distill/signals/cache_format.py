@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.data.arrays import gather
+from distill.durable import read_checked_json
 from distill.errors import UserError
 
 FORMAT = "distill-teacher-cache"
@@ -156,11 +157,16 @@ def total_bytes(manifest: dict) -> int:
 
 
 def read_json(path: Path) -> dict | None:
+    """A manifest, its sha256 checked when it has one (caches written before it have none); None if unreadable.
+    One whose sha256 does not match is refused: it is damage (writes are atomic), and the fields cannot be trusted."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    return read_checked_json(path, f"delete {path.parent} and write the cache again with `distill cache`",
+                             required=False)
 
 
 def read_manifest(path: Path) -> dict:

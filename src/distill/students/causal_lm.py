@@ -189,9 +189,10 @@ def load_causal_lm(path: str, vocab_size: int, *, eos_id: int, pad_id: int, trus
 
     from distill.students.hf import resolve_model_path
 
+    # RuntimeError: a config.json whose sizes differ from the weights' (transformers builds on the meta device)
     try:
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"model {path} is not a causal language model transformers can load "
                         f"({str(e).splitlines()[0][:150]}): give a folder written by save_pretrained or a hub id") from None
     return CausalLM(hf, vocab_size, eos_id=eos_id, pad_id=pad_id)

@@ -103,9 +103,10 @@ def load_hf(cfg: HFConfig, *, token_level: bool, class_names: list[str]) -> HFMo
               "label2id": {n: i for i, n in enumerate(class_names)}}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the load report of a fresh head ("newly initialized") is expected
+    # RuntimeError: a config.json whose sizes differ from the weights' (transformers builds on the meta device)
     try:
         hf = _auto_class(token_level).from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **labels)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"model.path {cfg.path}: cannot load it as a {'token' if token_level else 'sequence'} "
                         f"classifier ({str(e).splitlines()[0][:200]})") from None
     finally:

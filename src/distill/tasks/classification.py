@@ -16,7 +16,7 @@ from distill.tasks.base import Task
 
 from pydantic import ValidationError
 
-from distill.checkpoint import load_model_file, load_weights
+from distill.checkpoint import built_to_fit, load_model_file, load_weights
 from distill.data import DataSplits, load_dataset
 from distill.data.arrays import batch_collate
 from distill.errors import UserError
@@ -176,8 +176,10 @@ def build_from_record(record: dict, source: str) -> torch.nn.Module:
     try:
         config = model_config_adapter.validate_python(record["model"])
         shape, classes = record.get("input_shape"), record.get("num_classes")  # (an imported class may need neither)
-        return build_model(config, tuple(shape) if shape is not None else None, int(classes) if classes is not None else None)
-    except (ValidationError, KeyError, TypeError, ValueError) as e:
+        shape, classes = tuple(shape) if shape is not None else None, int(classes) if classes is not None else None
+        # sizes come from the file: checked against its tensors' shapes before anything is allocated
+        return built_to_fit(lambda: build_model(config, shape, classes), source, own_code=config.kind == "import")
+    except (ValidationError, KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{source}: its model description is invalid ({type(e).__name__}); re-save it with distill") from None

@@ -11,13 +11,13 @@ model.safetensors; the tokenizer beside it, and distill.json describing task, la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distill.checkpoint import atomic_write_text, load_model_file, load_weights, save_model
+from distill.checkpoint import built_to_fit, load_model_file, load_weights, save_model
+from distill.durable import atomic_write_text, check_sealed, checked_json, read_checked_json, seal, writing
 from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.classification import data_record
@@ -174,16 +174,22 @@ class TextTask(Task):
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if hasattr(model, "hf"):
-            model.hf.save_pretrained(tmp, safe_serialization=True)
-        else:
-            record = {**record, "vocab_size": model.embedding.num_embeddings}
-            save_model(tmp / "model.safetensors", model, record)
-        self.tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / RECORD, json.dumps(record, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with writing(folder):  # a full disk: one line, and the folder is as it was
+            try:
+                tmp.mkdir(parents=True)
+                if hasattr(model, "hf"):
+                    model.hf.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    record = {**record, "vocab_size": model.embedding.num_embeddings}
+                    save_model(tmp / "model.safetensors", model, record)
+                self.tokenizer.save_pretrained(tmp)
+                atomic_write_text(tmp / RECORD, checked_json(record, indent=1))
+                seal(tmp)  # SHA256SUMS of every file, checked by read_record and when a run resumes
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
 
     def load_model(self, folder: str, data) -> nn.Module:
         """A model saved by save_model (or a plain transformers folder) with this run's labels."""
@@ -208,7 +214,8 @@ class TextTask(Task):
             return self.build_model(HFConfig(path=folder), data)
         self._saved_vocab = record.get("vocab_size")  # the teacher's embedding rows may exceed the tokenizer's
         try:
-            model = self.build_model(config, data)
+            # sizes come from distill.json: checked against the weights' shapes before anything is allocated
+            model = built_to_fit(lambda: self.build_model(config, data), path / "model.safetensors", str(path))
         finally:
             self._saved_vocab = None
         load_weights(model, load_model_file(path / "model.safetensors")[0], source=str(path))
@@ -235,10 +242,9 @@ def read_record(folder) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} has no {RECORD}: it was not written by distill; give a run's model folder "
                         "(runs/NAME/student) or a .safetensors file")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON: re-save the model with distill") from None
-    if not isinstance(record, dict) or "task" not in record or "model" not in record:
+    fix = "save or copy the model again (for a run: rerun it)"
+    check_sealed(folder, fix)
+    record = read_checked_json(path, fix, required=False)  # (folders saved before it carry no sha256)
+    if "task" not in record or "model" not in record:
         raise UserError(f"{path} does not describe a distill model (no task or model): re-save it with distill")
     return record

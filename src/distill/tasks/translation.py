@@ -116,7 +116,7 @@ class TranslationTask(TextTask):
             path = resolve_model_path(model_cfg.path)
             try:
                 hf = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a config.json that the weights do not match
                 raise UserError(f"model {model_cfg.path} is not a seq2seq model transformers can load "
                                 f"({str(e).splitlines()[0][:150]}): give a translation model's folder or hub id") from None
             model = Seq2SeqModel(hf)
