@@ -162,6 +162,32 @@ def test_a_file_swapped_for_another_states_is_refused(state, tmp_path):
         resume(folder)
 
 
+def _as_version_2(folder: Path) -> None:
+    """Rewrite a state as the distill before checksums wrote it: no sha256 in state.json or in the files."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoint import CHECKSUM_KEY
+
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        header, _ = _read_header(folder / name)
+        meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CHECKSUM_KEY}
+        save_file(load_file(folder / name), folder / name, metadata=meta)
+    body = json.loads((folder / "state.json").read_text())
+    body = {k: v for k, v in body.items() if k not in ("sha256", "files")}
+    (folder / "state.json").write_text(json.dumps({**body, "version": 2}))
+
+
+def test_a_state_written_before_checksums_is_still_resumed(state, tmp_path):
+    folder, resume = state
+    old = tmp_path / "v2"
+    shutil.copytree(folder, old)
+    shutil.copy(folder.with_name(folder.name + ".best.safetensors"), old.with_name("v2.best.safetensors"))
+    _as_version_2(old)
+    assert json.loads((old / "state.json").read_text())["version"] == 2  # the copy really is in the old format
+    a, b = resume(folder).student.state_dict(), resume(old).student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------- a full disk, lost permission
 
 

@@ -47,6 +47,9 @@ __all__ = ["gather_training_state", "has_training_state", "load_training_state",
 
 STATE_FORMAT = "distill-training-state"
 STATE_VERSION = 3  # 3: sha256 of every file; 2: optimizer state keyed by parameter name (1: by parameter id)
+# a state written by the distill before checksums (version 2) is still resumed, unverified: upgrading distill
+# must not cost a user the run in progress (it is rewritten as version 3 at its next save)
+UNVERIFIED_VERSION = 2
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -172,6 +175,11 @@ def _read_state_json(folder: Path) -> dict:
         raise _Corrupt(f"{STATE_FILE} is not valid JSON") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise _Corrupt(f"{STATE_FILE} is not a distill training state")
+    if state.get("version") == UNVERIFIED_VERSION:
+        for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE):
+            if not (folder / name).is_file():
+                raise _Corrupt(f"{name} is missing")
+        return state
     if state.get("version") != STATE_VERSION:
         raise _Corrupt(f"{STATE_FILE} has unsupported version {state.get('version')!r}")
     body = {k: v for k, v in state.items() if k != "sha256"}
@@ -380,7 +388,7 @@ def _read_verified(folder: Path, name: str, state: dict) -> dict[str, Tensor]:
         tensors, metadata = _read_safetensors(folder / name)
     except UserError as e:
         raise _damaged(folder, f"{name}: {str(e).partition(' (')[2].partition(');')[0] or e}") from None
-    if metadata.get(CHECKSUM_KEY) != state["files"][name]:
+    if state.get("version") != UNVERIFIED_VERSION and metadata.get(CHECKSUM_KEY) != state["files"][name]:
         raise _damaged(folder, f"{name} is not the file its {STATE_FILE} lists")
     return tensors
 
