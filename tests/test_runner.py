@@ -71,3 +71,21 @@ def test_split_check_ignores_test_fraction_where_the_test_set_is_official():
         check_same_split(table, {**table, "test_fraction": 0.5}, "t.safetensors")
     with pytest.raises(UserError, match="data.label_column='y'"):
         check_same_split(table, {**table, "label_column": "z"}, "t.safetensors")
+
+
+def test_a_run_with_a_feature_method_trains_its_teacher(tmp_path):
+    """The pre-flight check of a feature method's layers runs the method's setup on the untrained teacher: it must
+    leave the teacher trainable (a LiveTeacher wrapper freezes what it wraps)."""
+    import json as _json
+
+    import yaml as _yaml
+
+    from conftest import tiny_recipe
+    from distill.cli import main
+
+    recipe = tmp_path / "hints.yaml"
+    recipe.write_text(_yaml.safe_dump(tiny_recipe(tmp_path, distill={"method": "hints", "student_layer": "net.1",
+                                                                      "teacher_layer": "net.1"})))
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    models = _json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())["models"]
+    assert models["teacher"]["accuracy"] > 0.8

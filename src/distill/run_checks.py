@@ -90,7 +90,13 @@ def check_layers(config, teacher, student, rows, precision: str = "fp32") -> Non
         raise UserError(f"distill.method={config.method} reads the teacher's layers in float32, and teacher.precision "
                         f"is {precision}: set teacher.precision: fp32")
     x = rows.x[:2] if isinstance(getattr(rows, "x", None), torch.Tensor) else gather(rows, [0, 1])[0]
-    build_method(config, LiveTeacher(teacher)).setup(student, x)
+    # LiveTeacher freezes the network it wraps, and this teacher may be about to train: give its flags back
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    try:
+        build_method(config, LiveTeacher(teacher)).setup(student, x)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def run_warnings(models: dict, baseline: float | None, metric: str) -> list[str]:
