@@ -78,6 +78,32 @@ def _check_logsumexp(lse, leading: torch.Size) -> Tensor:
     return lse
 
 
+def _bucket_log_probs(s: Tensor, t: Tensor, idx: Tensor, lse_t: Tensor) -> tuple[Tensor, Tensor]:
+    """rest="bucket" with S leaving classes out (k < C): (log q_t, log q_s) over the k classes of S and the rest
+    bucket; s and t already divided by T, lse_t = L_t as a column [N, 1] (see topk_kd_loss_from_indices)."""
+    log_qt = t - lse_t
+    log_ps = torch.log_softmax(s, dim=-1)
+    log_qs = log_ps.gather(-1, idx)
+    log_mass_s = torch.logsumexp(log_qt, dim=-1, keepdim=True)
+    if log_mass_s.numel() and float(log_mass_s.detach().max()) > 1e-3 * max(1.0, float(lse_t.detach().abs().max())):
+        raise UserError(
+            "teacher_logsumexp is smaller than the logsumexp of the top-k logits / T (the top k would hold "
+            "more than all the mass); it must be logsumexp(t / T) over all classes, at the same temperature"
+        )
+    rest_t = -torch.expm1(log_mass_s.clamp(max=0.0))
+    # t / T - L_t rounds to the spacing of floats near L_t, so a rest below that is noise: compared with the
+    # student's exact (maybe astronomically small) rest it would make a large, false KL term
+    noise = 8 * torch.finfo(t.dtype).eps * lse_t.detach().abs().clamp_min(1.0)
+    rest_t = torch.where(rest_t <= noise, 0.0, rest_t)  # (<=: a NaN stays, for the finiteness check)
+    # double where: a rest of 0 is log 0 = -inf (a bucket of probability 0), and log's infinite slope there
+    # times the zero gradient of that bucket would give a teacher that requires grad NaN gradients
+    some = rest_t != 0
+    log_rest_t = torch.where(some, torch.where(some, rest_t, 1.0).log(), float("-inf"))
+    in_s = torch.zeros_like(log_ps, dtype=torch.bool).scatter(-1, idx, True)
+    log_rest_s = torch.logsumexp(log_ps.masked_fill(in_s, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([log_qt, log_rest_t], dim=-1), torch.cat([log_qs, log_rest_s], dim=-1)
+
+
 def topk_kd_loss_from_indices(
     student_logits: Tensor,
     teacher_topk_logits: Tensor,
@@ -143,29 +169,7 @@ def topk_kd_loss_from_indices(
         log_qs = torch.log_softmax(s.gather(-1, idx), dim=-1)
     else:
         lse_t = _select(_upcast(lse).reshape(-1, 1).to(s.device), keep).to(dtype)
-        log_qt = t - lse_t
-        log_ps = torch.log_softmax(s, dim=-1)
-        log_qs = log_ps.gather(-1, idx)
-        if k < C:
-            log_mass_s = torch.logsumexp(log_qt, dim=-1, keepdim=True)
-            if log_mass_s.numel() and float(log_mass_s.detach().max()) > 1e-3 * max(1.0, float(lse_t.detach().abs().max())):
-                raise UserError(
-                    "teacher_logsumexp is smaller than the logsumexp of the top-k logits / T (the top k would hold "
-                    "more than all the mass); it must be logsumexp(t / T) over all classes, at the same temperature"
-                )
-            rest_t = -torch.expm1(log_mass_s.clamp(max=0.0))
-            # t / T - L_t rounds to the spacing of floats near L_t, so a rest below that is noise: compared with the
-            # student's exact (maybe astronomically small) rest it would make a large, false KL term
-            noise = 8 * torch.finfo(dtype).eps * lse_t.detach().abs().clamp_min(1.0)
-            rest_t = torch.where(rest_t <= noise, 0.0, rest_t)  # (<=: a NaN stays, for the finiteness check)
-            # double where: a rest of 0 is log 0 = -inf (a bucket of probability 0), and log's infinite slope there
-            # times the zero gradient of that bucket would give a teacher that requires grad NaN gradients
-            some = rest_t != 0
-            log_rest_t = torch.where(some, torch.where(some, rest_t, 1.0).log(), float("-inf"))
-            in_s = torch.zeros_like(log_ps, dtype=torch.bool).scatter(-1, idx, True)
-            log_rest_s = torch.logsumexp(log_ps.masked_fill(in_s, float("-inf")), dim=-1, keepdim=True)
-            log_qt = torch.cat([log_qt, log_rest_t], dim=-1)
-            log_qs = torch.cat([log_qs, log_rest_s], dim=-1)
+        log_qt, log_qs = _bucket_log_probs(s, t, idx, lse_t)
 
     per_row = _kl_rows(log_qt, log_qs)
     if t2_scaling:
