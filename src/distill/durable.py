@@ -109,8 +109,9 @@ class AtomicTarget:
             fsync_dir(self.path.parent)
             return False
         self.tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and write_error(self.path, exc) is not None:
-            raise write_error(self.path, exc) from None
+        err = write_error(self.path, exc) if isinstance(exc, OSError) else None
+        if err is not None:
+            raise err from None
         return False
 
 
