@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,17 @@ def _torchrun(args, tmp_path, ok=True):
     # this checkout's distill, also where the venv's editable install points at another one (a git worktree)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # its own session, killed whole on a hang: subprocess.run's timeout kills torchrun alone and then waits forever
+    # for the workers, which hold its pipes
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for 300 s: {err[-3000:]}")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
@@ -239,3 +250,34 @@ def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None
         assert set(one) == set(two)
         for name, value in one.items():
             torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4)
+
+
+def test_a_nan_that_only_one_process_sees_ends_every_process_with_one_line(tmp_path):
+    """Process 1's check stops it with the line naming the NaN; process 0, blocked in the gradients' all-reduce,
+    says in one line that another process stopped first. Neither hangs (tearing the process group down after an
+    error waited for the other process: both hung until gloo's timeout) and neither prints a traceback."""
+    from distill.checkpoint import load_model_file, save_model
+    from distill.cli import main
+    from distill.tasks.classification import build_from_record
+
+    raw = tiny_recipe(tmp_path, report={"repeats": 1, "throughput_batch": 8})
+    raw["teacher"]["train"]["epochs"] = raw["student"]["train"]["epochs"] = 1
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(recipe), "--quiet", "name=teach"]) == 0
+    good = tmp_path / "runs" / "teach" / "teacher.safetensors"
+    state, record = load_model_file(good)
+    model = build_from_record(record, str(good))
+    model.load_state_dict(state)
+    with torch.no_grad():
+        list(model.parameters())[-1][0] = float("nan")  # the output layer's bias: every row's logits
+    save_model(tmp_path / "nan.safetensors", model, record)
+    logs = tmp_path / "logs"
+    _torchrun(["--log-dir", str(logs), "--redirects", "3", str(HERE / "nan_rank_worker.py"), str(recipe), str(good),
+               str(tmp_path / "nan.safetensors"), "name=x"], tmp_path, ok=False)
+    err = {p.parent.name: p.read_text().strip() for p in logs.rglob("stderr.log")}
+    assert sorted(err) == ["0", "1"], err
+    for line in err.values():
+        assert "\n" not in line and "Traceback" not in line, line
+    assert err["1"].startswith("distill: error: student: step 1 (epoch 1, batch 1): ") and "hold NaN" in err["1"]
+    assert err["0"].startswith("distill: error: process 0 lost contact with another process"), err["0"]

@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
 from distill.errors import UserError
 
@@ -317,32 +319,50 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.train import end_distributed, several_processes  # under torchrun / accelerate launch
+
+    try:
+        code = _main(argv)
+    except Exception:
+        if not several_processes():
+            raise
+        traceback.print_exc()  # a bug, shown whole; then leave as after any error (below)
+        code = 1
+    if code and several_processes():
+        # Leave at once, the process group left as it is: the other processes may be blocked in a collective this
+        # one never joins, and tearing the group down waits for them (gloo: both processes hung until its timeout).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    end_distributed(wait=code == 0)  # after an error, the others may never arrive at the barrier
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     argv = [a for a in argv if a != "--debug"]
-    from distill.train import end_distributed  # under torchrun / accelerate launch: a clean exit for every process
-
     from distill.students.imported import allowed_imports
+    from distill.train import peer_stopped
 
     try:
         args = parse(build_parser(), argv)
         with allowed_imports(getattr(args, "allow_import", None)):
             args.func(args)
-    except (UserError, OSError) as e:
+    except (UserError, OSError, RuntimeError) as e:
         from distill.durable import write_error
 
         if isinstance(e, OSError) and (e := write_error(e.filename or "a file", e)) is None:
             raise  # an OSError that is not the disk's refusal (full, no permission): a bug to see whole
-        end_distributed(wait=False)
+        if isinstance(e, RuntimeError) and (e := peer_stopped(e)) is None:
+            raise  # a RuntimeError that is not a lost peer: a bug to see whole
         if debug:
             raise
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        end_distributed(wait=False)
         print("distill: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    end_distributed()
     return 0
 
 

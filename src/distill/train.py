@@ -89,6 +89,12 @@ def _asked_for(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"  # set by `accelerate launch`
 
 
+def several_processes() -> bool:
+    """True inside a launch of two or more processes whose group is set up."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def end_distributed(wait: bool = True) -> None:
     """Tear the process group down before the process exits. Left to the interpreter's exit, or torn down while
     another process still works (the main one writing the run), the threads of a gloo group (seen with FSDP)
@@ -99,6 +105,22 @@ def end_distributed(wait: bool = True) -> None:
         if wait:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+# what gloo and NCCL say when the process at the other end of a collective has gone
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_stopped(error: BaseException) -> UserError | None:
+    """One line for a process whose collective failed because another process of the launch stopped first (e.g.
+    its own check found NaN in its share of a batch and it exited with that line), or None. The checks run inside
+    each process's forward, before the processes could agree, so the others learn of it only as a broken
+    connection; their traceback would bury the one error that names the cause."""
+    if not several_processes() or not any(s in str(error) for s in _PEER_GONE):
+        return None
+    return UserError(f"process {torch.distributed.get_rank()} lost contact with another process of this launch, "
+                     "which stopped first: its error (above, or in its log) names the cause; fix that and run the "
+                     "same command again (a run continues with --resume)")
 
 
 def check_engine(accelerator: Accelerator) -> None:
