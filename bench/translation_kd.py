@@ -66,7 +66,7 @@ def main() -> None:
         subprocess.run(cmd, check=True)
     name = next((o.partition("=")[2] for o in reversed(a.overrides) if o.startswith("name=")), "en-es")
     torch.set_num_threads(a.threads)
-    speed = measure(runs / name, a.data_dir, sentences=a.sentences, rounds=a.rounds,
+    speed = measure(runs / name, a.data_dir, sentences=a.sentences, rounds=a.rounds, teacher=a.teacher,
                     progress=lambda line: print(line, file=sys.stderr, flush=True))
     rows, text = table(json.loads((runs / name / "results.json").read_text())["models"], speed["models"])
     print(text)

@@ -27,9 +27,12 @@ ROLES_FIRST = ("teacher", "scratch", "student")
 MODES = {"greedy_b1": (1, 1), "beam_b1": (5, 1), "greedy_b32": (1, 32)}  # mode -> (beams, batch size)
 
 
-def model_folders(run_dir: Path) -> dict[str, Path]:
-    """role -> model folder of a finished run, teacher first (folders holding distill.json)."""
+def model_folders(run_dir: Path, teacher: str | None = None) -> dict[str, Path]:
+    """role -> model folder of a finished run, teacher first (folders holding distill.json); `teacher`: the folder
+    of the teacher given to `distill distill --teacher`, for a run that did not train its own."""
     found = {p.name: p for p in sorted(run_dir.iterdir()) if (p / "distill.json").is_file()}
+    if teacher and "teacher" not in found:
+        found["teacher"] = Path(teacher)
     return {r: found[r] for r in (*[r for r in ROLES_FIRST if r in found], *[r for r in found if r not in ROLES_FIRST])}
 
 
@@ -50,10 +53,11 @@ def time_mode(task, model, rows, beams: int, batch: int) -> tuple[float, int]:
     return seconds, sum(len(task.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)  # + </s>
 
 
-def measure(run_dir: Path, data_dir: str | None, *, sentences: int = 100, rounds: int = 3, progress=print) -> dict:
+def measure(run_dir: Path, data_dir: str | None, *, sentences: int = 100, rounds: int = 3, teacher: str | None = None,
+            progress=print) -> dict:
     from distill.saved import load_saved
 
-    folders = model_folders(run_dir)
+    folders = model_folders(run_dir, teacher)
     teacher, task, data = load_saved(str(folders["teacher"]), data_dir=data_dir)
     models = {"teacher": teacher, **{r: task.load_model(str(f), data).eval() for r, f in folders.items() if r != "teacher"}}
     rows = pick_rows(data.test, sentences)
