@@ -38,6 +38,32 @@ def tiny_recipe(tmp_path, **sections) -> dict:
     return raw
 
 
+def teachers_finite_and_nan(folder) -> tuple[str, str, str]:
+    """(a tiny recipe with 1-epoch stages, a teacher trained by `distill train` from it, the same teacher with NaN
+    in its output bias for class 3: every row's logit of class 3 is NaN), as paths, written in `folder`."""
+    import torch
+    import yaml
+
+    from distill.checkpoint import load_model_file, save_model
+    from distill.cli import main
+    from distill.tasks.classification import build_from_record
+
+    raw = tiny_recipe(folder, report={"repeats": 1, "throughput_batch": 8})
+    raw["teacher"]["train"]["epochs"] = raw["student"]["train"]["epochs"] = 1
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(recipe), "--quiet", "name=teach"]) == 0
+    good = folder / "runs" / "teach" / "teacher.safetensors"
+    state, record = load_model_file(good)
+    model = build_from_record(record, str(good))
+    model.load_state_dict(state)
+    bias = [p for name, p in model.named_parameters() if name.endswith("bias")][-1]
+    with torch.no_grad():
+        bias[3] = float("nan")
+    save_model(folder / "nan.safetensors", model, record)  # as distill writes a teacher, with its record
+    return str(recipe), str(good), str(folder / "nan.safetensors")
+
+
 # --- shared by the method tests: one small real teacher, trained once per test session ---------------
 
 @pytest.fixture(scope="session")

@@ -256,25 +256,12 @@ def test_a_nan_that_only_one_process_sees_ends_every_process_with_one_line(tmp_p
     """Process 1's check stops it with the line naming the NaN; process 0, blocked in the gradients' all-reduce,
     says in one line that another process stopped first. Neither hangs (tearing the process group down after an
     error waited for the other process: both hung until gloo's timeout) and neither prints a traceback."""
-    from distill.checkpoint import load_model_file, save_model
-    from distill.cli import main
-    from distill.tasks.classification import build_from_record
+    from conftest import teachers_finite_and_nan
 
-    raw = tiny_recipe(tmp_path, report={"repeats": 1, "throughput_batch": 8})
-    raw["teacher"]["train"]["epochs"] = raw["student"]["train"]["epochs"] = 1
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    assert main(["train", str(recipe), "--quiet", "name=teach"]) == 0
-    good = tmp_path / "runs" / "teach" / "teacher.safetensors"
-    state, record = load_model_file(good)
-    model = build_from_record(record, str(good))
-    model.load_state_dict(state)
-    with torch.no_grad():
-        list(model.parameters())[-1][0] = float("nan")  # the output layer's bias: every row's logits
-    save_model(tmp_path / "nan.safetensors", model, record)
+    recipe, good, bad = teachers_finite_and_nan(tmp_path)
     logs = tmp_path / "logs"
-    _torchrun(["--log-dir", str(logs), "--redirects", "3", str(HERE / "nan_rank_worker.py"), str(recipe), str(good),
-               str(tmp_path / "nan.safetensors"), "name=x"], tmp_path, ok=False)
+    _torchrun(["--log-dir", str(logs), "--redirects", "3", str(HERE / "nan_rank_worker.py"), recipe, good, bad, "name=x"],
+              tmp_path, ok=False)
     err = {p.parent.name: p.read_text().strip() for p in logs.rglob("stderr.log")}
     assert sorted(err) == ["0", "1"], err
     for line in err.values():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from distill import Distiller
@@ -213,24 +212,9 @@ def test_nan_in_cached_logits_stops_training_at_its_batch(tmp_path, digits, top_
 @pytest.fixture(scope="module")
 def cli_teachers(tmp_path_factory):
     """(recipe, a teacher trained by `distill train`, the same teacher with a NaN bias), epochs cut to 1."""
-    from conftest import tiny_recipe
+    from conftest import teachers_finite_and_nan
 
-    from distill.checkpoint import load_model_file, save_model
-    from distill.cli import main
-    from distill.tasks.classification import build_from_record
-
-    tmp = tmp_path_factory.mktemp("cli")
-    raw = tiny_recipe(tmp, report={"repeats": 1, "throughput_batch": 8})
-    raw["teacher"]["train"]["epochs"] = raw["student"]["train"]["epochs"] = 1
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    assert main(["train", str(recipe), "--quiet", "name=teach"]) == 0
-    good = tmp / "runs" / "teach" / "teacher.safetensors"
-    state, record = load_model_file(good)
-    model = build_from_record(record, str(good))
-    model.load_state_dict(state)
-    save_model(tmp / "nan.safetensors", _poisoned(model), record)  # as distill writes a teacher, with its record
-    return str(recipe), str(good), str(tmp / "nan.safetensors")
+    return teachers_finite_and_nan(tmp_path_factory.mktemp("cli"))
 
 
 CLI_METHODS = ["kd", "distill.soft_loss=mse", "dkd distill.warmup_epochs=0", "topk", "noisy", "mutual", "sobolev", "bss", "divergence",
