@@ -107,8 +107,8 @@ def end_distributed(wait: bool = True) -> None:
         torch.distributed.destroy_process_group()
 
 
-# what gloo and NCCL say when the process at the other end of a collective has gone
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+# what gloo says when the process at the other end of a collective has gone (seen on CPU; NCCL's words not collected)
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 def peer_stopped(error: BaseException) -> UserError | None:
