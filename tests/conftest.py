@@ -38,10 +38,23 @@ def tiny_recipe(tmp_path, **sections) -> dict:
     return raw
 
 
+def poisoned(model, value=float("nan")):
+    """A copy whose last layer's bias holds `value` for class 3: every row's logit of class 3 is NaN (or inf), the
+    case where soft-target losses used to stay finite with NaN gradients."""
+    import copy
+
+    import torch
+
+    bad = copy.deepcopy(model)
+    bias = [p for name, p in bad.named_parameters() if name.endswith("bias")][-1]
+    with torch.no_grad():
+        bias[3] = value
+    return bad
+
+
 def teachers_finite_and_nan(folder) -> tuple[str, str, str]:
     """(a tiny recipe with 1-epoch stages, a teacher trained by `distill train` from it, the same teacher with NaN
     in its output bias for class 3: every row's logit of class 3 is NaN), as paths, written in `folder`."""
-    import torch
     import yaml
 
     from distill.checkpoint import load_model_file, save_model
@@ -57,10 +70,7 @@ def teachers_finite_and_nan(folder) -> tuple[str, str, str]:
     state, record = load_model_file(good)
     model = build_from_record(record, str(good))
     model.load_state_dict(state)
-    bias = [p for name, p in model.named_parameters() if name.endswith("bias")][-1]
-    with torch.no_grad():
-        bias[3] = float("nan")
-    save_model(folder / "nan.safetensors", model, record)  # as distill writes a teacher, with its record
+    save_model(folder / "nan.safetensors", poisoned(model), record)  # as distill writes a teacher, with its record
     return str(recipe), str(good), str(folder / "nan.safetensors")
 
 

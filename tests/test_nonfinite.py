@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import poisoned
+
 from distill import Distiller
 from distill.errors import NonFiniteError, UserError
 from distill.students import CNNConfig, MLPConfig, build_model
@@ -39,16 +41,6 @@ def _model(arch: str, seed: int, width: int):
     return build_model(cfg, SHAPE, CLASSES)
 
 
-def _poisoned(model, value=float("nan")):
-    """A copy whose last layer's bias holds `value` for class 3: every row's logit of class 3 is NaN (or inf), the
-    case where soft-target losses used to stay finite with NaN gradients."""
-    bad = copy.deepcopy(model)
-    bias = [p for name, p in bad.named_parameters() if name.endswith("bias")][-1]
-    with torch.no_grad():
-        bias[3] = value
-    return bad
-
-
 def _batch(n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand((n, *SHAPE), generator=g), torch.randint(0, CLASSES, (n,), generator=g)
@@ -66,7 +58,7 @@ def test_every_method_refuses_a_nan_teacher_and_trains_with_a_finite_one(key):
     x, y = _batch()
     teacher = _model(METHODS[key][1], 0, 32)
     with pytest.raises(NonFiniteError, match="NaN"):
-        _distiller(key, _poisoned(teacher)).loss(x, y)
+        _distiller(key, poisoned(teacher)).loss(x, y)
     # counter-check: the same code with a finite teacher gives finite gradients and lowers the loss
     d = _distiller(key, teacher)
     d.setup(x)
@@ -298,4 +290,4 @@ def test_boundary_samples_refuse_a_teacher_that_gives_nan():
     target = (base + 1) % CLASSES
     assert torch.isfinite(boundary_samples(teacher, x, base, target)).all()  # counter-check
     with pytest.raises(NonFiniteError, match="the teacher.s logits hold NaN"):
-        boundary_samples(_poisoned(teacher), x, base, target)
+        boundary_samples(poisoned(teacher), x, base, target)
