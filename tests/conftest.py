@@ -13,6 +13,7 @@ from distill.methods.supervised import Supervised, SupervisedConfig  # noqa: E40
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -142,3 +143,28 @@ class KilledAt(Supervised):
         if self.calls == self.at_call:
             raise KeyboardInterrupt
         return super().__call__(student, x, y)
+
+
+def torchrun(args, tmp_path, ok=True):
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS` in tmp_path, one thread per process;
+    its return code must be 0 (ok) or not."""
+    import signal
+    import subprocess
+    import sys
+
+    # this checkout's distill, also where the venv's editable install points at another one (a git worktree)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "src")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    # its own session, killed whole on a hang: subprocess.run's timeout kills torchrun alone and then waits forever
+    # for the workers, which hold its pipes
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for 300 s: {err[-3000:]}")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
+    return done

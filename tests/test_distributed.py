@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,28 +13,9 @@ import safetensors.torch
 import torch
 import yaml
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, torchrun
 
 HERE = Path(__file__).parent
-
-
-def _torchrun(args, tmp_path, ok=True):
-    # this checkout's distill, also where the venv's editable install points at another one (a git worktree)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    # its own session, killed whole on a hang: subprocess.run's timeout kills torchrun alone and then waits forever
-    # for the workers, which hold its pipes
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun {' '.join(args)} hung for 300 s: {err[-3000:]}")
-    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    assert (done.returncode == 0) == ok, done.stderr[-3000:]
-    return done
 
 
 # hints: the method's own regressor is trained too; cached: each process reads its rows' teacher logits and
@@ -54,7 +34,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, ca
         write_cache(load_teacher(str(teacher_path)), rows(), tmp_path / "cache", dtype="float32", features=["net.1"])
     out = tmp_path / "ddp.safetensors"
     cache = ["--cache", str(tmp_path / "cache")] if cached else []
-    _torchrun([str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--out", str(out), "--method", method, *cache],
+    torchrun([str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--out", str(out), "--method", method, *cache],
               tmp_path)
     _assert_same_weights(out, distil(str(teacher_path), method))
 
@@ -84,12 +64,12 @@ def test_fsdp_trains_shards_and_resumes_like_one_process(tmp_path, method):
     norms = single.net[1].weight.norm(dim=1)  # the max-norm constraint bites, so FSDP must apply it alike
     assert norms.max() <= 0.5 + 1e-5 and (norms > 0.499).any()
     run = [str(HERE / "ddp_worker.py"), "--teacher", str(teacher_path), "--method", method, "--engine", "fsdp"]
-    done = _torchrun([*run, "--out", str(tmp_path / "fsdp.safetensors")], tmp_path)
+    done = torchrun([*run, "--out", str(tmp_path / "fsdp.safetensors")], tmp_path)
     assert done.stdout.count("batches trained: 48, sharded: True") == 2, done.stdout
     _assert_same_weights(tmp_path / "fsdp.safetensors", single)
     # killed in epoch 2 (16 batches an epoch): the resumed run restores the gathered weights and optimizer state
     state = ["--state-dir", str(tmp_path / "state")]
-    _torchrun([*run, "--out", str(tmp_path / "killed.safetensors"), *state, "--kill-at-step", "24"], tmp_path, ok=False)
+    torchrun([*run, "--out", str(tmp_path / "killed.safetensors"), *state, "--kill-at-step", "24"], tmp_path, ok=False)
     assert (tmp_path / "state").is_dir() and not (tmp_path / "killed.safetensors").exists()
     saved = safetensors.torch.load_file(tmp_path / "state" / "model.safetensors")  # gathered, not one shard
     assert saved["student.net.1.weight"].shape == single.net[1].weight.shape
@@ -97,7 +77,7 @@ def test_fsdp_trains_shards_and_resumes_like_one_process(tmp_path, method):
     shutil.copy(tmp_path / "state.best.safetensors", tmp_path / "state-copy.best.safetensors")
     # the checkpoint does not depend on the sharding: one process resumes it to the same weights
     _assert_same_weights_in_memory(distil(str(teacher_path), method, state_dir=str(tmp_path / "state-copy")), single)
-    done = _torchrun([*run, "--out", str(tmp_path / "resumed.safetensors"), *state], tmp_path)
+    done = torchrun([*run, "--out", str(tmp_path / "resumed.safetensors"), *state], tmp_path)
     assert done.stdout.count("batches trained: 32, sharded: True") == 2  # each process: epochs 2 and 3 only, 16 batches each
     _assert_same_weights(tmp_path / "resumed.safetensors", single)
 
@@ -105,7 +85,7 @@ def test_fsdp_trains_shards_and_resumes_like_one_process(tmp_path, method):
 def test_a_recipe_runs_under_torchrun_and_only_the_main_process_writes(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
-    done = _torchrun(["-m", "distill.cli", "run", str(recipe), "--quiet"], tmp_path)
+    done = torchrun(["-m", "distill.cli", "run", str(recipe), "--quiet"], tmp_path)
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["tiny"], runs
     assert done.stdout.count("report:") == 1  # one summary, from the main process
@@ -156,7 +136,7 @@ def test_a_recipe_runs_under_fsdp_and_saves_whole_weights(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, distill={"method": "hints", "student_layer": "net.1",
                                                                       "teacher_layer": "net.1"})))
-    done = _torchrun([str(HERE / "fsdp_recipe_worker.py"), "run", str(recipe), "--quiet"], tmp_path)
+    done = torchrun([str(HERE / "fsdp_recipe_worker.py"), "run", str(recipe), "--quiet"], tmp_path)
     assert done.stdout.count("report:") == 1
     run = tmp_path / "runs" / "tiny"
     for role, hidden in (("teacher", 128), ("student", 16)):
@@ -243,7 +223,7 @@ def _same_weights_on_one_and_two_processes(tmp_path, raw: dict, two: dict | None
             done = subprocess.run([*launcher, "run", str(path), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-3000:]
         else:
-            _torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
+            torchrun(["-m", "distill.cli", "run", str(path), "--quiet"], tmp_path)
     for role in roles:
         one = safetensors.torch.load_file(tmp_path / "runs" / "one" / role / "model.safetensors")
         two = safetensors.torch.load_file(tmp_path / "runs" / "two" / role / "model.safetensors")
@@ -260,7 +240,7 @@ def test_a_nan_that_only_one_process_sees_ends_every_process_with_one_line(tmp_p
 
     recipe, good, bad = teachers_finite_and_nan(tmp_path)
     logs = tmp_path / "logs"
-    _torchrun(["--log-dir", str(logs), "--redirects", "3", str(HERE / "nan_rank_worker.py"), recipe, good, bad, "name=x"],
+    torchrun(["--log-dir", str(logs), "--redirects", "3", str(HERE / "nan_rank_worker.py"), recipe, good, bad, "name=x"],
               tmp_path, ok=False)
     err = {p.parent.name: p.read_text().strip() for p in logs.rglob("stderr.log")}
     assert sorted(err) == ["0", "1"], err

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, torchrun
 from distill.errors import UserError
 from distill.recipe import validate_recipe
 from distill.runner import run_recipe
@@ -238,23 +238,12 @@ def test_flat_config_and_final_metrics():
 
 
 def test_under_torchrun_only_the_main_process_logs(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import yaml
-
-    import distill
 
     raw = tiny_recipe(tmp_path)
     raw["report"]["trackers"] = ["tensorboard"]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    paths = os.pathsep.join([str(Path(distill.__file__).parents[1]), str(Path(__file__).parent)])  # this checkout
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": paths}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "distill.cli", "run", str(tmp_path / "recipe.yaml"), "--quiet"]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(["-m", "distill.cli", "run", str(tmp_path / "recipe.yaml"), "--quiet"], tmp_path)
     folder = tmp_path / "runs" / "tiny" / "tracking" / "tiny"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # one writer: the main process's
     scalars, _ = _scalars(folder)
