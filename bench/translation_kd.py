@@ -72,7 +72,8 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "en-es_kd.json").write_text(json.dumps({"overrides": a.overrides, "rows": rows, "speed": speed}, indent=1) + "\n")
-    (RESULTS / "en-es_kd.md").write_text(f"`python bench/translation_kd.py {' '.join(a.overrides)}`\n\n{text}\n\n"
+    given = ["--sentences", str(a.sentences), *(["--teacher", a.teacher] if a.teacher else []), *a.overrides]
+    (RESULTS / "en-es_kd.md").write_text(f"`python bench/translation_kd.py {' '.join(given)}`\n\n{text}\n\n"
                                          f"Decoding speed:\n\n{format_speed(speed)}\n")
 
 
