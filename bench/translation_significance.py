@@ -20,14 +20,20 @@ from translation_speed import model_folders
 
 
 def translations(run_dir: Path, data_dir: str | None, teacher: str | None, progress=print) -> tuple[list, dict]:
-    """(references, {role: {"greedy": [...], "beam": [...]}}) of the test split."""
+    """(references, {role: {"greedy": [...], "beam": [...]}}) of the test split, for every student of the run (the
+    teacher's folder gives the task and data; it is not compared)."""
     from distill.saved import load_saved
 
     folders = model_folders(run_dir, teacher)
-    teacher_model, task, data = load_saved(str(folders["teacher"]), data_dir=data_dir)
+    if "scratch" not in folders or "teacher" not in folders:
+        raise SystemExit(f"{run_dir} has no scratch model or no teacher: compare a finished run trained with its "
+                         f"baseline, and give --teacher DIR when the run did not train its teacher")
+    _, task, data = load_saved(str(folders["teacher"]), data_dir=data_dir)
     out = {}
     for role, folder in folders.items():
-        model = teacher_model if role == "teacher" else task.load_model(str(folder), data).eval()
+        if role == "teacher":
+            continue
+        model = task.load_model(str(folder), data).eval()
         # the report's decoding (its batch size and beam), so the BLEU here is the one in results.json
         out[role] = {"greedy": task.translate(model, data.test, num_beams=1),
                      "beam": task.translate(model, data.test, num_beams=task.num_beams)}
@@ -41,7 +47,7 @@ def paired_bootstrap(references: list, systems: dict, decoding: str, samples: in
     from sacrebleu.significance import PairedTest
 
     named = [("scratch", systems["scratch"][decoding])] + [
-        (role, s[decoding]) for role, s in systems.items() if role not in ("scratch", "teacher")]
+        (role, s[decoding]) for role, s in systems.items() if role != "scratch"]
     test = PairedTest(named, {"BLEU": BLEU(references=[references])}, references=None, test_type="bs",
                       n_samples=samples)
     _, scores = test()
